@@ -1,0 +1,1 @@
+"""Few-step samplers from diffusion teachers: schedules, methods, solvers and export."""
