@@ -1,0 +1,124 @@
+"""Consistency distillation (Song et al. 2023) on DDPM-family teachers, in the form LCMScheduler samples.
+
+The consistency function is f(z, t) = c_skip(t) z + c_out(t) x0(z, t), with x0 the student network's
+prediction in its own parameterisation and the boundary scalings of latent consistency models
+(timestep_scaling 10, sigma_data 0.5): c_skip(0) = 1 and c_out(0) = 0, so f(z, 0) = z exactly. Training
+pairs are adjacent points of a solver grid of ``num_solver_steps`` timesteps, ``skip`` grid intervals apart:
+the teacher takes one ODE step (DDIM, or Heun) from the higher point, and an EMA copy of the student (the
+target network) maps the result to its x0 estimate; the student must give the same estimate from the higher
+point.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from vlkd import rng
+from vlkd.diffusion.schedule import NoiseSchedule
+from vlkd.errors import RecipeError
+
+SIGMA_DATA = 0.5
+
+
+@dataclass
+class ConsistencyConfig:
+    """Recipe section ``method`` of the ``consistency`` pipeline."""
+
+    num_solver_steps: int = 50  # the DDIM grid; LCMScheduler's original_inference_steps
+    skip: int = 1  # grid intervals between the two points of a training pair
+    solver: Literal["ddim", "heun"] = "ddim"
+    loss: Literal["l2", "huber"] = "huber"
+    huber_c: float = 0.001
+    target_ema: float = 0.95  # decay of the target network (LCM's default)
+    timestep_scaling: float = 10.0
+    student_steps: list[int] | None = None  # step counts to evaluate and record (default: 1, 2, 4, 8)
+
+    def __post_init__(self) -> None:
+        if self.num_solver_steps < 2:
+            raise RecipeError(f"num_solver_steps must be at least 2, got {self.num_solver_steps}")
+        if not 1 <= self.skip < self.num_solver_steps:
+            raise RecipeError(f"skip must be in [1, num_solver_steps), got {self.skip}")
+        if not 0.0 <= self.target_ema < 1.0:
+            raise RecipeError(f"target_ema must be in [0, 1), got {self.target_ema}")
+
+
+def boundary_scalings(t: torch.Tensor, timestep_scaling: float = 10.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_skip, c_out) of LCM at integer timesteps: c_skip(0) = 1, c_out(0) = 0 (diffusers issue #8547 form)."""
+    scaled = timestep_scaling * t.double()
+    c_skip = SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2)
+    c_out = scaled / (scaled**2 + SIGMA_DATA**2).sqrt()
+    return c_skip, c_out
+
+
+def solver_grid(num_train_timesteps: int, num_solver_steps: int) -> torch.Tensor:
+    """The DDIM solver timesteps of LCM, low to high: (k + 1) * (T // N) - 1 for k = 0..N-1."""
+    ratio = num_train_timesteps // num_solver_steps
+    return torch.arange(1, num_solver_steps + 1) * ratio - 1
+
+
+class ConsistencyDistillation(nn.Module):
+    """The CD loss; holds the target network, updated from the student after every optimizer step."""
+
+    def __init__(self, schedule: NoiseSchedule, student: nn.Module, config: ConsistencyConfig,
+                 class_conditional: bool = False):
+        super().__init__()
+        self.schedule, self.config = schedule, config
+        self.class_conditional = class_conditional
+        self.target = copy.deepcopy(student).requires_grad_(False).eval()
+        self.register_buffer("grid", solver_grid(schedule.num_train_timesteps, config.num_solver_steps),
+                             persistent=False)
+
+    def consistency(self, model: nn.Module, z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None
+                    ) -> torch.Tensor:
+        """f(z, t) = c_skip z + c_out x0(z, t)."""
+        output = model(z, t, class_labels=labels).sample.float()
+        x0, _ = self.schedule.to_x0_eps(output, z, t)
+        c_skip, c_out = (c.to(z.device, z.dtype).view(-1, *([1] * (z.ndim - 1)))
+                         for c in boundary_scalings(t.cpu(), self.config.timestep_scaling))
+        return c_skip * z + c_out * x0
+
+    def teacher_step(self, teacher: nn.Module, z: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
+                     labels: torch.Tensor | None) -> torch.Tensor:
+        """One teacher ODE step from t to t_next < t: DDIM, or Heun in DDIM's (z / alpha, sigma / alpha) time."""
+        output = teacher(z, t, class_labels=labels).sample.float()
+        x0, eps = self.schedule.to_x0_eps(output, z, t)
+        z_next = self.schedule.ddim_step(x0, eps, t_next)
+        if self.config.solver == "ddim":
+            return z_next
+        output_next = teacher(z_next, t_next, class_labels=labels).sample.float()
+        _, eps_next = self.schedule.to_x0_eps(output_next, z_next, t_next)
+        alpha, sigma = self.schedule.alpha_sigma(t, z)
+        alpha_next, sigma_next = self.schedule.alpha_sigma(t_next, z)
+        y = z / alpha + (sigma_next / alpha_next - sigma / alpha) * (eps + eps_next) / 2
+        return alpha_next * y
+
+    def forward(self, student: nn.Module, teacher: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        x = batch["pixel_values"]
+        labels = batch.get("label") if self.class_conditional else None
+        ratio = self.schedule.num_train_timesteps // self.config.num_solver_steps
+        n = rng.randint(batch, self.config.skip - 1, self.config.num_solver_steps, "step")
+        t = self.grid.cpu()[n]
+        t_target = (t - self.config.skip * ratio).clamp(min=0)
+        z = self.schedule.add_noise(x, rng.randn(batch, x.shape[1:], "noise", x.device), t)
+        t, t_target = t.to(x.device), t_target.to(x.device)
+        prediction = self.consistency(student, z, t, labels)
+        with torch.no_grad():
+            z_target = self.teacher_step(teacher, z, t, t_target, labels)
+            target = self.consistency(self.target, z_target, t_target, labels)
+        difference = prediction - target
+        if self.config.loss == "l2":
+            return {"cd_l2": (difference**2).mean()}
+        c = self.config.huber_c
+        return {"cd_huber": ((difference**2 + c**2).sqrt() - c).mean()}
+
+    @torch.no_grad()
+    def after_step(self, student: nn.Module) -> None:
+        """target <- decay * target + (1 - decay) * student."""
+        decay = self.config.target_ema
+        for target, online in zip(self.target.parameters(), student.parameters()):
+            target.lerp_(online.detach(), 1.0 - decay)
