@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--channels", default="32,64,64")
     parser.add_argument("--prediction-type", default="v_prediction", choices=["epsilon", "v_prediction"])
     parser.add_argument("--beta-schedule", default="squaredcos_cap_v2")
-    parser.add_argument("--steps", type=int, default=6000, help="optimizer steps")
+    parser.add_argument("--steps", type=int, default=4000, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--ema-decay", type=float, default=0.999)
