@@ -47,11 +47,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 when sharing the cores)")
     parser.add_argument("--run-dir", default="runs/teacher-ddpm")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
 
     channels = tuple(int(c) for c in args.channels.split(","))
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule=args.beta_schedule,
@@ -79,7 +80,7 @@ def main() -> None:
             "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
             "command": "python scripts/train_teacher_ddpm.py " + " ".join(
                 f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                if v not in (None, False) and k not in ("resume", "overwrite", "run_dir")),
+                if v not in (None, False) and k not in ("resume", "overwrite", "run_dir", "threads")),
             "final_loss": result.history[-1] if result.history else None,
         })
     print(f"wrote {args.out} after {result.steps} steps in {minutes:.1f} min")

@@ -65,10 +65,12 @@ class ConsistencyDistillation(nn.Module):
     """The CD loss; holds the target network, updated from the student after every optimizer step."""
 
     def __init__(self, schedule: NoiseSchedule, student: nn.Module, config: ConsistencyConfig,
-                 class_conditional: bool = False):
+                 class_conditional: bool = False, student_prediction: str | None = None):
         super().__init__()
         self.schedule, self.config = schedule, config
         self.class_conditional = class_conditional
+        # The teacher speaks the schedule's parameterisation; the student (and its target copy) may differ.
+        self.student_prediction = student_prediction or schedule.prediction_type
         self.target = copy.deepcopy(student).requires_grad_(False).eval()
         self.register_buffer("grid", solver_grid(schedule.num_train_timesteps, config.num_solver_steps),
                              persistent=False)
@@ -77,7 +79,7 @@ class ConsistencyDistillation(nn.Module):
                     ) -> torch.Tensor:
         """f(z, t) = c_skip z + c_out x0(z, t)."""
         output = model(z, t, class_labels=labels).sample.float()
-        x0, _ = self.schedule.to_x0_eps(output, z, t)
+        x0, _ = self.schedule.to_x0_eps(output, z, t, self.student_prediction)
         c_skip, c_out = (c.to(z.device, z.dtype).view(-1, *([1] * (z.ndim - 1)))
                          for c in boundary_scalings(t.cpu(), self.config.timestep_scaling))
         return c_skip * z + c_out * x0

@@ -55,10 +55,11 @@ def round_steps(teacher_steps: int, student_steps: int) -> list[int]:
 
 
 def predict_x0_eps(model: nn.Module, schedule: NoiseSchedule, z: torch.Tensor, t: torch.Tensor,
-                   labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x0, eps) predicted by a diffusers UNet at (z_t, t), in its own parameterisation."""
+                   labels: torch.Tensor | None, prediction_type: str | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, eps) predicted by a diffusers UNet at (z_t, t), in its own parameterisation (default: the schedule's)."""
     output = model(z, t, class_labels=labels).sample
-    return schedule.to_x0_eps(output.float(), z, t)
+    return schedule.to_x0_eps(output.float(), z, t, prediction_type)
 
 
 def two_step_target(schedule: NoiseSchedule, z: torch.Tensor, t: torch.Tensor, z_next: torch.Tensor,
@@ -74,12 +75,19 @@ def two_step_target(schedule: NoiseSchedule, z: torch.Tensor, t: torch.Tensor, z
 
 
 class ProgressiveDistillation:
-    """One round: ``student_steps`` student DDIM steps imitate twice as many teacher steps."""
+    """One round: ``student_steps`` student DDIM steps imitate twice as many teacher steps.
+
+    ``teacher_prediction`` / ``student_prediction`` default to the schedule's prediction type; they differ when an
+    epsilon teacher is distilled into a v- or x-prediction student (the first round's student relearns its output).
+    """
 
     def __init__(self, schedule: NoiseSchedule, student_steps: int, weighting: str = "snr_trunc",
-                 class_conditional: bool = False):
+                 class_conditional: bool = False, teacher_prediction: str | None = None,
+                 student_prediction: str | None = None):
         self.schedule, self.student_steps, self.weighting = schedule, student_steps, weighting
         self.class_conditional = class_conditional
+        self.teacher_prediction = teacher_prediction or schedule.prediction_type
+        self.student_prediction = student_prediction or schedule.prediction_type
         T = schedule.num_train_timesteps
         # Student grid t_0 > ... > t_{N-1} > clean (-1); the teacher's 2N grid nests in it (t_i = fine_{2i}).
         self.grid = torch.tensor(trailing_timesteps(T, student_steps) + [-1])
@@ -93,12 +101,13 @@ class ProgressiveDistillation:
         t_model = t.to(x.device)
         z = self.schedule.add_noise(x, rng.randn(batch, x.shape[1:], "noise", x.device), t)
         with torch.no_grad():
-            x0, eps = predict_x0_eps(teacher, self.schedule, z, t_model, labels)
+            x0, eps = predict_x0_eps(teacher, self.schedule, z, t_model, labels, self.teacher_prediction)
             z_mid = self.schedule.ddim_step(x0, eps, t_mid)
-            x0_mid, eps_mid = predict_x0_eps(teacher, self.schedule, z_mid, t_mid.to(x.device), labels)
+            x0_mid, eps_mid = predict_x0_eps(teacher, self.schedule, z_mid, t_mid.to(x.device), labels,
+                                             self.teacher_prediction)
             z_next = self.schedule.ddim_step(x0_mid, eps_mid, t_next)
             x_target = two_step_target(self.schedule, z, t, z_next, t_next)
-        x_student, _ = predict_x0_eps(student, self.schedule, z, t_model, labels)
+        x_student, _ = predict_x0_eps(student, self.schedule, z, t_model, labels, self.student_prediction)
         snr = self.schedule.snr(t).to(x.device, torch.float32)
         weight = snr.clamp(min=1.0) if self.weighting == "snr_trunc" else snr + 1.0
         error = ((x_student - x_target) ** 2).flatten(1).mean(1)

@@ -1,0 +1,90 @@
+"""Measuring a few-step student with the harness, and sample grids while it trains."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from vlkd.diffusion.export import student_pipeline
+from vlkd.diffusion.sample import sample_images, save_grid
+from vlkd.recipes import EvalConfig
+from vlkd.train import FitState
+
+GRID_IMAGES = 64
+
+
+def evaluate_pipeline(pipeline: Any, steps: Sequence[int], config: EvalConfig, reference: str, *,
+                      num_reference: int | None = None, seed: int = 0, progress: bool = True
+                      ) -> tuple[list[dict[str, Any]], dict[int, torch.Tensor]]:
+    """FD of ``pipeline`` at each step count against ``reference`` for every ``config.features``.
+
+    Images are sampled once per step count and shared by all feature spaces. Returns one row per (steps,
+    features) and the first ``GRID_IMAGES`` uint8 images per step count (for grids).
+    """
+    from tqdm.auto import tqdm
+
+    from vlkd.eval import fid as metrics
+    from vlkd.eval.sources import TensorSource, quantize_images
+
+    extractors = [metrics.get_extractor(name) for name in config.features]
+    rows: list[dict[str, Any]] = []
+    firsts: dict[int, torch.Tensor] = {}
+    for count in steps:
+        chunks, seconds = [], 0.0
+        starts = range(0, config.num_samples, config.batch_size)
+        for index, start in enumerate(tqdm(starts, desc=f"sampling {count} steps", unit="batch",
+                                           disable=not progress)):
+            size = min(config.batch_size, config.num_samples - start)
+            began = time.perf_counter()
+            images = sample_images(pipeline, size, count, seed=seed + index)
+            seconds += time.perf_counter() - began
+            chunks.append(quantize_images(torch.from_numpy(images).permute(0, 3, 1, 2), (0.0, 1.0)))
+        images = torch.cat(chunks)
+        firsts[count] = images[:GRID_IMAGES]
+        for extractor in extractors:
+            result = metrics.fid(TensorSource(images), reference, features=extractor, num=len(images),
+                                 num_b=num_reference, batch_size=config.batch_size)
+            rows.append({"model": ".", "steps": count, "features": result.extractor, "fd": result.value,
+                         "num_samples": result.num_a, "num_reference": result.num_b, "reference": reference,
+                         "seconds_per_image": seconds / len(images)})
+    return rows, firsts
+
+
+def save_uint8_grid(images: torch.Tensor, path: str | Path) -> Path:
+    """A PNG grid of uint8 NCHW images."""
+    return save_grid(images.float() / 255.0, path)
+
+
+class SampleGrids:
+    """A ``fit`` callback: every ``every`` steps and at the end, a grid of the student's samples (with its EMA
+    weights when it has them, as they will be exported) at each of ``steps`` sampling steps."""
+
+    def __init__(self, folder: Path, name: str, scheduler: Any, steps: Sequence[int], every: int,
+                 num: int = 16, seed: int = 0):
+        self.folder, self.name, self.scheduler = Path(folder), name, scheduler
+        self.steps, self.every, self.num, self.seed = list(steps), every, num, seed
+
+    def __call__(self, state: FitState) -> None:
+        if state.step % self.every and state.step != state.total_steps:
+            return
+        model = state.student
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        if state.ema is not None:
+            state.ema.store(parameters)
+            state.ema.copy_to(parameters)
+        training = model.training
+        model.eval()
+        try:
+            # A fresh scheduler each time: set_timesteps mutates it.
+            pipeline = student_pipeline(model, type(self.scheduler).from_config(self.scheduler.config))
+            for count in self.steps:
+                images = sample_images(pipeline, self.num, count, seed=self.seed)
+                save_grid(images, self.folder / f"{self.name}-step{state.step:07d}-{count}steps.png")
+        finally:
+            model.train(training)
+            if state.ema is not None:
+                state.ema.restore(parameters)
+

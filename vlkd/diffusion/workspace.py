@@ -1,0 +1,130 @@
+"""The run folder of a diffusion distillation, beside the output: ``<out>.run/``.
+
+Training, checkpoints, sample grids and each stage's exported student (a round of progressive distillation, or
+the consistency student) live there until the whole recipe is done; then the output folder is assembled in a
+temporary folder, renamed into place, and the run folder is removed. A stage folder is written atomically, so
+its existence means the stage is complete: a resumed run skips it and continues from the next one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from vlkd.diffusion.evaluate import evaluate_pipeline, save_uint8_grid
+from vlkd.diffusion.export import read_info, save_student, write_info
+from vlkd.diffusion.sample import load_pipeline
+from vlkd.errors import CheckpointError
+from vlkd.files import staged_folder, write_json
+from vlkd.recipes import EvalConfig, Recipe, recipe_to_dict
+
+# Train keys that change how a run is watched, not what it trains: they may differ when resuming.
+_OPERATIONAL_KEYS = ("log_every", "checkpoint_every", "keep_checkpoints", "num_workers", "attention")
+
+
+def recipe_identity(recipe: Recipe) -> dict[str, Any]:
+    """What must not change between a run and its resumption (as plain JSON data)."""
+    data = recipe_to_dict(recipe)
+    identity = {k: data[k] for k in ("pipeline", "teacher", "data", "method", "student", "train")}
+    identity["train"] = {k: v for k, v in identity["train"].items() if k not in _OPERATIONAL_KEYS}
+    return json.loads(json.dumps(identity, default=str))
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        found = []
+        for key in sorted(set(old) | set(new), key=str):
+            found += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return found
+    return [] if old == new else [f"{prefix.rstrip('.')} ({old!r} then, {new!r} now)"]
+
+
+class Workspace:
+    """``<out>.run/``: ``recipe.json``, ``train/<stage>/`` (fit run folders), ``stages/<stage>/`` (exports),
+    ``samples/`` (PNG grids)."""
+
+    def __init__(self, out: Path, path: Path):
+        self.out, self.path = out, path
+        self.samples = path / "samples"
+
+    @classmethod
+    def open(cls, out: str | Path, recipe: Recipe, *, resume: bool, overwrite: bool) -> "Workspace":
+        """Start a run folder, or reopen one with ``resume`` after checking it ran the same recipe."""
+        out = Path(out)
+        path = out.with_name(out.name + ".run")
+        recorded = path / "recipe.json"
+        identity = recipe_identity(recipe)
+        if resume:
+            if not recorded.is_file():
+                raise CheckpointError(f"--resume: {path} holds no earlier run of this recipe; run without --resume")
+            changed = _differences(json.loads(recorded.read_text()), identity)
+            if changed:
+                raise CheckpointError(f"--resume: the recipe differs from the run in {path} at {changed[0]}; "
+                                      "resume with the same recipe, or pass --overwrite without --resume")
+        elif path.exists():
+            if not overwrite:
+                raise CheckpointError(f"{path} holds an unfinished run; pass --resume to continue it or --overwrite "
+                                      "to start over")
+            shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if not recorded.is_file():
+            write_json(recorded, identity)
+        return cls(out, path)
+
+    def train_dir(self, name: str) -> Path:
+        """Where ``fit`` checkpoints the stage."""
+        return self.path / "train" / name
+
+    def stage_dir(self, name: str) -> Path:
+        """The stage's exported student (exists only when the stage is complete)."""
+        return self.path / "stages" / name
+
+    def is_done(self, name: str) -> bool:
+        """Whether the stage was trained, exported and measured."""
+        return (self.stage_dir(name) / "vlkd.json").is_file()
+
+    def export_stage(self, name: str, pipeline: Any, info: dict[str, Any], *, eval_steps: Sequence[int],
+                     eval_config: EvalConfig, reference: str, num_reference: int | None, seed: int = 0) -> Path:
+        """Save the stage's student, measure it at ``eval_steps`` from the saved folder, and record the numbers."""
+        folder = self.stage_dir(name)
+        with staged_folder(folder, overwrite=True) as staging:
+            save_student(pipeline, staging)
+            rows: list[dict[str, Any]] = []
+            if eval_steps:
+                # Measure what ships: the folder as diffusers loads it, not the object in memory.
+                loaded = load_pipeline(staging)
+                loaded.to("cuda" if torch.cuda.is_available() else "cpu")
+                rows, firsts = evaluate_pipeline(loaded, eval_steps, eval_config, reference,
+                                                 num_reference=num_reference, seed=seed)
+                for count, images in firsts.items():
+                    save_uint8_grid(images, self.samples / f"{name}-final-{count}steps.png")
+            write_info(staging, {**info, "metrics": rows})
+        # The exported weights are the stage's result; its optimizer checkpoints are no longer needed.
+        shutil.rmtree(self.train_dir(name) / "checkpoints", ignore_errors=True)
+        return folder
+
+    def assemble(self, final: str, others: Sequence[str], extra: dict[str, Any], overwrite: bool) -> Path:
+        """Write the output folder: the final stage at its root, other stages under ``rounds/``, the grids under
+        ``samples/`` and loss histories under ``training/``; then remove the run folder."""
+        with staged_folder(self.out, overwrite=overwrite) as staging:
+            shutil.copytree(self.stage_dir(final), staging, dirs_exist_ok=True)
+            info = read_info(staging)
+            metrics = []
+            for name in others:
+                shutil.copytree(self.stage_dir(name), staging / "rounds" / name)
+                metrics += [{**row, "model": f"rounds/{name}"} for row in read_info(self.stage_dir(name))["metrics"]]
+            info["metrics"] = sorted(metrics + info.get("metrics", []), key=lambda row: -row["steps"])
+            if self.samples.is_dir():
+                shutil.copytree(self.samples, staging / "samples")
+            for name in [*others, final]:
+                history = self.train_dir(name) / "history.jsonl"
+                if history.is_file():
+                    (staging / "training").mkdir(exist_ok=True)
+                    shutil.copy2(history, staging / "training" / f"{name}-history.jsonl")
+            write_info(staging, {**info, **extra})
+        shutil.rmtree(self.path, ignore_errors=True)
+        return self.out
