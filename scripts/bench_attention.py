@@ -22,8 +22,11 @@ import sys
 import time
 from pathlib import Path
 
+from vlkd.files import atomic_file
+
 REPO = Path(__file__).resolve().parent.parent
 OUTPUT = REPO / "benchmarks" / "attention.md"
+CUDA_RECORD = REPO / "benchmarks" / "attention-cuda.md"
 THREADS = 2
 HEADS, HEAD_DIM = 8, 64
 SEQS = (1024, 4096, 16384)
@@ -314,8 +317,11 @@ def main() -> None:
         "",
     ]
     text = "\n".join(header + backend_lines + [""] + routing_lines + [""] + unet_lines) + "\n"
+    if CUDA_RECORD.is_file():  # written on a GPU machine by scripts/check_cuda_kernels.py; kept verbatim
+        text += "\n#" + CUDA_RECORD.read_text()
     OUTPUT.parent.mkdir(parents=True, exist_ok=True)
-    OUTPUT.write_text(text)
+    with atomic_file(OUTPUT, "w") as handle:
+        handle.write(text)
     print(text)
 
 

@@ -85,6 +85,40 @@ def _check_case(batch, heads, seq, head_dim, mask, dtype, failures: list[str]) -
     return rows
 
 
+def _unet_rows(dtype: torch.dtype) -> list[str]:
+    """A UNet2DConditionModel forward at 64x64 latents (batch 8) under diffusers' default processor and vlkd's
+    backends: median ms, and the largest output difference from the default."""
+    from diffusers import UNet2DConditionModel
+
+    from vlkd.kernels import restore_attention, use_attention
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=768, attention_head_dim=8,
+    ).to("cuda", dtype).eval()
+    latents = torch.randn(8, 4, 64, 64, device="cuda", dtype=dtype)
+    context = torch.randn(8, 77, 768, device="cuda", dtype=dtype)
+
+    def forward() -> torch.Tensor:
+        with torch.no_grad():
+            return unet(latents, 500, context).sample
+
+    reference, reference_ms, _ = _timed(forward)
+    rows = [f"| {dtype} | diffusers default (AttnProcessor2_0) | {reference_ms:.2f} | - |"]
+    for backend in ("auto", "sdpa", "xformers", "chunked"):
+        try:
+            use_attention(unet, backend)
+            out, ms, _ = _timed(forward)
+            rows.append(f"| {dtype} | vlkd {backend} | {ms:.2f} | {(out - reference).abs().max().item():.2e} |")
+        except BackendUnavailableError as err:
+            rows.append(f"| {dtype} | vlkd {backend} | unavailable: {err} | |")
+        finally:
+            restore_attention(unet)
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="also write the table to this markdown file")
@@ -109,6 +143,10 @@ def main() -> int:
         for case in CASES:
             lines += _check_case(*case, dtype, failures)
             torch.cuda.empty_cache()
+    lines += ["", "UNet2DConditionModel (320, 640) forward, batch 8, 64x64 latents (4,096 tokens), 77 context tokens:", "",
+              "| dtype | attention | ms | max abs difference from default |", "| --- | --- | ---: | ---: |"]
+    for dtype in TOLERANCE:
+        lines += _unet_rows(dtype)
     text = "\n".join(lines)
     print(text)
     if args.out:
