@@ -1,0 +1,123 @@
+"""Quality against sampling steps: a diffusers pipeline measured under several schedulers and step counts.
+
+What the teacher model cards, ``vlkd eval frontier`` and the demo report print. Measuring goes through
+``vlkd.diffusion.evaluate.evaluate_pipeline`` (one sampling run per step count, shared by all feature spaces),
+so teacher and student figures come from the same code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+# DPM-Solver++ (2M) settings tried for a teacher; the best at 4 steps is recorded with it. The keys are
+# DPMSolverMultistepScheduler arguments. lambda_min_clipped matters for cosine betas (diffusers' docs), whose
+# log-SNR at t = 999 is so low that the first multistep update is numerically unstable; thresholding rescues
+# x0 predictions that leave the data range; trailing spacing starts at t = 999 instead of 800 (4 steps).
+# Karras sigmas are left out: on cosine betas (sigma_max ~ 2e4) they map several steps to the same timestep
+# and diffusers' multistep update then indexes past its sigma table (IndexError at 4 and 8 steps).
+DPM_SOLVER_CANDIDATES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "thresholding": {"thresholding": True, "sample_max_value": 1.0},
+    "lambda_min_clipped=-5.1": {"lambda_min_clipped": -5.1},
+    "trailing": {"timestep_spacing": "trailing"},
+    "trailing+thresholding": {"timestep_spacing": "trailing", "thresholding": True, "sample_max_value": 1.0},
+    "trailing+lambda_min_clipped=-5.1": {"timestep_spacing": "trailing", "lambda_min_clipped": -5.1},
+    "final_sigmas=sigma_min+thresholding": {"final_sigmas_type": "sigma_min", "thresholding": True,
+                                            "sample_max_value": 1.0},
+}
+
+
+def ddim_scheduler(config: Any, **overrides: Any) -> Any:
+    """A DDIMScheduler from any DDPM-family config."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(config, **overrides)
+
+
+def dpm_solver_scheduler(config: Any, **overrides: Any) -> Any:
+    """DPM-Solver++ (2M) from any DDPM-family config, with ``overrides`` (see ``DPM_SOLVER_CANDIDATES``)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2, **overrides)
+
+
+def with_scheduler(pipeline: Any, scheduler: Any) -> Any:
+    """A pipeline sharing ``pipeline``'s modules but sampling with ``scheduler``."""
+    return type(pipeline)(**{**pipeline.components, "scheduler": scheduler})
+
+
+def measure(pipeline: Any, steps: Sequence[int], config: Any, reference: str, *, model: str, sampler: str,
+            seed: int = 0, progress: bool = True) -> list[dict[str, Any]]:
+    """``evaluate_pipeline``'s rows (one per step count and feature space) labelled with model and sampler."""
+    from vlkd.diffusion.evaluate import evaluate_pipeline
+
+    rows, _ = evaluate_pipeline(pipeline, steps, config, reference, seed=seed, progress=progress)
+    return [{**row, "model": model, "sampler": sampler, "seed": seed} for row in rows]
+
+
+def best_dpm_solver(pipeline: Any, config: Any, reference: str, *, steps: int = 4,
+                    candidates: dict[str, dict[str, Any]] = DPM_SOLVER_CANDIDATES) -> tuple[str, dict[str, float]]:
+    """Every DPM-Solver++ candidate at ``steps``: the best by the first of ``config.features``, and all scores."""
+    scores = {}
+    for name, overrides in candidates.items():
+        solver = with_scheduler(pipeline, dpm_solver_scheduler(pipeline.scheduler.config, **overrides))
+        rows = measure(solver, [steps], config, reference, model="", sampler=name, progress=False)
+        scores[name] = rows[0]["fd"]
+    return min(scores, key=scores.get), scores
+
+
+def by_point(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """Rows grouped per (model, sampler, steps): the distance per feature space and seconds per image."""
+    points: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for row in rows:
+        point = points.setdefault((row["model"], row["sampler"], row["steps"]),
+                                  {"fd": {}, "seconds_per_image": row["seconds_per_image"]})
+        point["fd"][row["features"]] = row["fd"]
+    return points
+
+
+def frontier_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A markdown table: model, sampler, steps (NFE), one column per feature space, seconds per image."""
+    points = by_point(rows)
+    features = list(dict.fromkeys(f for p in points.values() for f in p["fd"]))
+    header = ["model", "sampler", "steps", *("FID" if f == "inception" else f"FD {f}" for f in features), "s/image"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (model, sampler, steps), point in points.items():
+        cells = [model, sampler, str(steps), *(f"{point['fd'][f]:.2f}" if f in point["fd"] else "-" for f in features),
+                 f"{point['seconds_per_image']:.4f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def frontier_plot(rows: Sequence[dict[str, Any]], features: str, path: str | Path, title: str = "") -> Path:
+    """FD (log scale) against NFE, one line per (model, sampler); written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    from vlkd.files import atomic_file
+
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        if row["features"] == features:
+            curves.setdefault(f"{row['model']} {row['sampler']}".strip(), []).append((row["steps"], row["fd"]))
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for label, points in curves.items():
+        points.sort()
+        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    axes.set_xscale("log", base=2)
+    axes.set_yscale("log")
+    axes.set_xlabel("sampling steps (NFE)")
+    axes.set_ylabel("FID" if features == "inception" else f"FD ({features})")
+    axes.set_title(title)
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=120)
+    plt.close(figure)
+    return path
+
