@@ -54,6 +54,7 @@ class EvalConfig:
     features: list[str] = field(default_factory=lambda: ["digits-classifier"])
     batch_size: int = 100
     enabled: bool = True
+    zero_shot: list[str] = field(default_factory=list)  # CLIP: SPEC:TASK[@SPLIT] datasets; default: shapes tasks
 
 
 @dataclass
