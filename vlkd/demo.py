@@ -1,7 +1,8 @@
-"""``vlkd demo``: distil the shipped digits teacher with progressive and consistency distillation on a small
-budget, measure teacher and students with the same harness, and write a report with a table, grids and a plot.
+"""``vlkd demo``: distil the shipped digits teacher with progressive and consistency distillation and the shapes
+CLIP teacher into a small CLIP on a small budget, measure teachers and students with the same harness, and write
+a report with tables, grids and a plot.
 
-The two runs are the shipped recipes (``pipelines/*-digits.yaml``) with smaller budgets given as ``--set``
+The runs are the shipped recipes (``pipelines/*-digits.yaml``, ``pipelines/clip-shapes-fd.yaml``) with smaller budgets given as ``--set``
 overrides, so the demo exercises exactly what ``vlkd distill`` runs. Everything is written under a temporary
 name and renamed into place when complete.
 """
@@ -30,6 +31,8 @@ BUDGETS: dict[str, dict[str, Any]] = {
                         "train.warmup_steps=10", "train.checkpoint_every=60"],
         "consistency": ["train.steps=80", "train.batch_size=32", "train.warmup_steps=10",
                         "train.checkpoint_every=80"],
+        "clip": ["train.steps=100", "train.batch_size=128", "train.warmup_steps=10", "method.pool_size=4096",
+                 "train.checkpoint_every=100", "eval.num_samples=500"],
         "steps": [4], "num_samples": 200,
     },
     "default": {
@@ -37,6 +40,8 @@ BUDGETS: dict[str, dict[str, Any]] = {
                         "train.batch_size=64", "train.warmup_steps=30", "train.checkpoint_every=150"],
         "consistency": ["train.steps=500", "train.batch_size=64", "train.warmup_steps=50",
                         "train.checkpoint_every=250"],
+        "clip": ["train.steps=600", "train.batch_size=256", "train.warmup_steps=50", "method.pool_size=16384",
+                 "train.checkpoint_every=300"],
         "steps": [1, 2, 4], "num_samples": 500,
     },
 }
@@ -71,7 +76,23 @@ def student_rows(folder: Path, name: str) -> list[dict[str, Any]]:
             for row in info["metrics"] if row["model"] == "."]
 
 
-def report(rows: list[dict[str, Any]], commands: list[str], minutes: float, mode: str) -> str:
+def clip_table(info: dict[str, Any]) -> str:
+    """Teacher and student: image-tower parameters, zero-shot top-1 per task, image-encoding ms at batch 64."""
+    metrics = info["metrics"]
+    tasks = list(metrics["zero_shot"])
+    header = ["model", "image-tower parameters", *(f"top-1 {t.rsplit(':', 1)[-1]} %" for t in tasks),
+              "image encoding ms"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for who, zero_shot in (("teacher", "teacher_zero_shot"), ("student", "zero_shot")):
+        latency = metrics["image_encoding_latency"][who]
+        cells = [f"CLIP {who}", f"{info[who]['image_tower_parameters']:,}",
+                 *(f"{100 * metrics[zero_shot][t]['top1']:.2f}" for t in tasks),
+                 f"{1000 * latency['median_s']:.1f} (batch {latency['batch_size']})"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report(rows: list[dict[str, Any]], clip: dict[str, Any], commands: list[str], minutes: float, mode: str) -> str:
     """The markdown report: the table, how to reproduce, versions and machine."""
     import diffusers
     import torch
@@ -84,9 +105,12 @@ def report(rows: list[dict[str, Any]], commands: list[str], minutes: float, mode
         "The shipped digits DDPM teacher and its few-step students, measured in this run with the same harness: "
         f"Fréchet distance against all 1,797 digits ({REFERENCE}) and sampling seconds per image.", "",
         frontier_table(rows), "",
+        "The shipped shapes CLIP teacher and its distilled student (zero-shot on the shapes test split):", "",
+        clip_table(clip), "",
         "Grids: `grids/`. Plot: `frontier.png`. Students: `progressive-student/` and `consistency-student/`, "
         "each a diffusers pipeline folder (`DiffusionPipeline.from_pretrained(folder)`); their README.md shows how "
-        "to sample them.", "",
+        "to sample them. CLIP student: `clip-student/`, an open_clip folder "
+        "(`open_clip.create_model_and_transforms(\"local-dir:clip-student\")`).", "",
         "## Reproduce", "", "```bash", *commands, "```", "",
         f"vlkd {vlkd.__version__}, torch {torch.__version__}, diffusers {diffusers.__version__}, Python "
         f"{platform.python_version()}, {platform.machine()}, {torch.get_num_threads()} torch threads; "
@@ -113,14 +137,21 @@ def run_demo(args: argparse.Namespace) -> int:
             rows += student_rows(student, name)
             commands.append(f"vlkd distill {recipe_path.relative_to(PIPELINES.parent)} "
                             + " ".join(f"--set {shlex.quote(o)}" for o in overrides))
+        clip_recipe = PIPELINES / "clip-shapes-fd.yaml"
+        recipe = load_recipe(clip_recipe, budget["clip"])
+        clip_student = get_pipeline(recipe.pipeline).run(recipe, folder / "clip-student", overwrite=True)
+        clip = json.loads((clip_student / "vlkd.json").read_text())
+        commands.append(f"vlkd distill {clip_recipe.relative_to(PIPELINES.parent)} "
+                        + " ".join(f"--set {shlex.quote(o)}" for o in budget["clip"]))
         rows = teacher_rows(budget["steps"], features, budget["num_samples"]) + rows
         frontier_plot(rows, features[0], folder / "frontier.png", title="digits: quality against sampling steps")
         _teacher_grids(folder / "grids", budget["steps"])
         for name in ("progressive", "consistency"):
             for grid in sorted((folder / f"{name}-student" / "samples").glob("*-final-*.png")):
                 (folder / "grids" / f"{name}-{grid.name}").write_bytes(grid.read_bytes())
-        text = report(rows, commands, (time.time() - started) / 60, mode)
-        write_json(folder / "results.json", {"mode": mode, "features": features, "rows": rows})
+        text = report(rows, clip, commands, (time.time() - started) / 60, mode)
+        write_json(folder / "results.json", {"mode": mode, "features": features, "rows": rows,
+                                             "clip": clip["metrics"]})
         with atomic_file(folder / "report.md", "w") as handle:
             handle.write(text)
     print(text)
