@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import platform
 import time
-from pathlib import Path
 
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel

@@ -11,13 +11,6 @@ from vlkd import train
 from vlkd.cli import main
 from vlkd.diffusion import evaluate
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny UNets gain nothing from a second thread, and on a busy machine its synchronisation costs seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 TINY = ["--set", "train.steps=2", "--set", "train.batch_size=8", "--set", "eval.num_samples=8",

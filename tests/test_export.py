@@ -16,13 +16,6 @@ from vlkd.diffusion.progressive import ProgressiveDistillation
 from vlkd.diffusion.schedule import NoiseSchedule
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny UNets gain nothing from a second thread, and on a busy machine its synchronisation costs seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_unet(size=8, classes=None):
