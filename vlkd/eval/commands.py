@@ -16,7 +16,8 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", required=True, metavar="SRC", help=f"evaluated images: {SOURCE_HELP}")
     parser.add_argument("--reference", required=True, metavar="SRC", help=f"reference images: {SOURCE_HELP}")
     parser.add_argument("--features", default="inception", metavar="NAME",
-                        help="inception (default) or clip:SPEC (an open_clip name:pretrained, local-dir:PATH or CLIP folder)")
+                        help="inception (default), digits-classifier (the shipped digits classifier's 128-d features), "
+                             "or clip:SPEC (an open_clip name:pretrained, local-dir:PATH or CLIP folder)")
     parser.add_argument("--num", type=int, metavar="N", help="number of evaluated images (required for a pipeline)")
     parser.add_argument("--num-reference", type=int, metavar="N", help="number of reference images (default: all)")
     parser.add_argument("--steps", type=int, metavar="K", help="sampling steps of a pipeline (default: its own)")

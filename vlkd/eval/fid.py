@@ -41,13 +41,18 @@ class FeatureExtractor(ABC):
         """Features of one batch of uint8 NCHW images."""
 
 
-def _float_rgb(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 NCHW (1 or 3 channels) -> float32 RGB in [0, 255] on ``device``; grey is repeated to three channels."""
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+def _check_uint8_images(images: torch.Tensor) -> None:
+    """Extractors see what stored images hold: uint8 NCHW with 1 or 3 channels, at least one pixel."""
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3) or 0 in images.shape[2:]:
         raise EvalError(
             f"feature extractors take uint8 NCHW images with 1 or 3 channels, got {images.dtype} {tuple(images.shape)}; "
             "quantise them with vlkd.eval.sources.quantize_images"
         )
+
+
+def _float_rgb(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 NCHW (1 or 3 channels) -> float32 RGB in [0, 255] on ``device``; grey is repeated to three channels."""
+    _check_uint8_images(images)
     images = images.to(device)
     if images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)
@@ -168,22 +173,52 @@ class ClipExtractor(FeatureExtractor):
         return self.clip.encode_image(self.clip.preprocess(images)).float().cpu()
 
 
+class DigitsClassifierExtractor(FeatureExtractor):
+    """The 128-d penultimate layer of the digits classifier (vlkd.eval.digits_classifier): a fast feature space
+    that knows digit shapes, where Inception sees 16x16 grey blobs. As the classifier's ``prepare`` does, colour is
+    averaged to grey and other sizes are resized (bilinear, antialiased) to its 16x16; uint8 maps to [-1, 1].
+
+    ``folder``: default the shipped ``assets/classifiers/digits-classifier``. The cache key holds a digest of the
+    weights, so a retrained classifier never reads statistics of the old one.
+    """
+
+    name = "digits-classifier"
+
+    def __init__(self, folder: str | Path | None = None, device: str | torch.device | None = None) -> None:
+        from vlkd.eval.digits_classifier import default_classifier_dir, load_digits_classifier
+
+        folder = Path(folder) if folder else default_classifier_dir()
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.classifier = load_digits_classifier(folder).to(self.device)
+        self.key = f"digits-classifier-{_file_digest(folder / 'config.json', folder / 'model.safetensors')}"
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        _check_uint8_images(images)
+        return self.classifier.embed(self.classifier.prepare(images.to(self.device))).float().cpu()
+
+
+FEATURE_NAMES = "'inception', 'digits-classifier' or 'clip:<open_clip spec>'"
+
+
 def get_extractor(features: str | FeatureExtractor | Callable[[torch.Tensor], torch.Tensor] = "inception", *,
                   inception_weights: str | Path | None = None, device: str | torch.device | None = None,
                   attention_backend: str | None = "auto") -> FeatureExtractor:
-    """``"inception"``, ``"clip:<open_clip spec | local-dir:PATH | transformers folder>"``, an extractor, or any
-    module/callable (wrapped by ModuleExtractor)."""
+    """``"inception"``, ``"digits-classifier"``, ``"clip:<open_clip spec | local-dir:PATH | transformers folder>"``,
+    an extractor, or any module/callable (wrapped by ModuleExtractor)."""
     if isinstance(features, FeatureExtractor):
         return features
     if not isinstance(features, str):
         if not callable(features):
-            raise EvalError(f"features must be 'inception', 'clip:SPEC' or a callable network, not {features!r}")
+            raise EvalError(f"features must be one of {FEATURE_NAMES}, or a callable network, not {features!r}")
         return ModuleExtractor(features, device=device)
     if features == "inception":
         return InceptionExtractor(inception_weights, device=device)
+    if features == "digits-classifier":
+        return DigitsClassifierExtractor(device=device)
     if features.startswith("clip:") and len(features) > len("clip:"):
         return ClipExtractor(features[len("clip:"):], device=device, attention_backend=attention_backend)
-    raise EvalError(f"unknown features {features!r}; use 'inception' or 'clip:<open_clip spec>' such as clip:ViT-B-32:openai")
+    raise EvalError(f"unknown features {features!r}; use {FEATURE_NAMES} such as clip:ViT-B-32:openai")
 
 
 class FeatureStats:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -100,7 +101,7 @@ def use_attention_if_available(model: torch.nn.Module, backend: str | None) -> N
         from vlkd.kernels import use_attention
     except ImportError:  # the kernels module is optional at this layer
         return
-    use_attention(model, backend=backend)
+    use_attention(model, backend=backend, strict=False)  # a model without attention layers keeps its own code
 
 
 def as_clip(model: Any, tokenizer: Callable[..., Any] | None = None, *, image_mean: Sequence[float] | None = None,
@@ -186,16 +187,26 @@ def resolve_templates(templates: str | Sequence[Template] | None, dataset: Any, 
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
     named = {"openai": OPENAI_IMAGENET_TEMPLATES, "simple": SIMPLE_IMAGENET_TEMPLATES}
+    if templates == "dataset":
+        templates = None
     if isinstance(templates, str):
         if templates not in named:
             raise EvalError(f"unknown templates {templates!r}; use 'openai', 'simple', 'dataset' or a list of strings with {{c}}")
         return list(named[templates])
     if templates is None:
-        own = getattr(dataset, "task_templates", {}).get(task) or getattr(dataset, "templates", None)
+        own = (getattr(dataset, "task_templates", None) or {}).get(task)
+        if own is None and task == getattr(dataset, "default_task", None):
+            own = getattr(dataset, "templates", None)  # datasets that know templates for their default task only
         templates = own or OPENAI_IMAGENET_TEMPLATES
     if not templates:
         raise EvalError("zero-shot classification needs at least one template; pass templates such as ['a photo of a {c}.']")
     return list(templates)
+
+
+def fill_template(template: Template, classname: str) -> str:
+    """A prompt: a callable template called with the class name, or a string with ``{c}`` (vlkd's assets,
+    clip_benchmark) or ``{}`` (open_clip's format strings) filled in."""
+    return template(classname) if callable(template) else template.format(classname, c=classname)
 
 
 @torch.inference_mode()
@@ -204,7 +215,7 @@ def zero_shot_classifier(clip: ClipAdapter, classnames: Sequence[str], templates
     weights = []
     for start in range(0, len(classnames), CLASSES_PER_BATCH):
         names = classnames[start:start + CLASSES_PER_BATCH]
-        texts = [t.format(c) if isinstance(t, str) else t(c) for c in names for t in templates]
+        texts = [fill_template(t, c) for c in names for t in templates]
         embeddings = F.normalize(clip.encode_text(clip.tokenize(texts)).float(), dim=-1)
         weights.append(F.normalize(embeddings.reshape(len(names), len(templates), -1).mean(1), dim=-1))
     return torch.cat(weights).T
@@ -231,7 +242,7 @@ def _open_dataset(dataset: Any, split: str, task: str | None) -> tuple[Any, str]
     if task not in tasks:
         raise EvalError(f"dataset {name!r} has no task {task!r}; use one of: {', '.join(tasks) or 'none (it is unlabelled)'}")
     if len(tasks[task]) < 2:
-        raise EvalError(f"task {task!r} of dataset {name!r} has {len(tasks[task])} class; zero-shot needs at least 2 classes")
+        raise EvalError(f"task {task!r} of dataset {name!r} has {len(tasks[task])} class(es); zero-shot needs at least 2 classes")
     return dataset, task
 
 
@@ -242,6 +253,8 @@ def zero_shot(model: Any, dataset: Any, task: str | None = None, templates: str 
 
     ``model``: a ClipAdapter, an open_clip / transformers CLIP model, or a spec for ``load_clip``. ``dataset``: a
     ``vlkd.data`` dataset or a spec ``SPEC[:TASK][@SPLIT]`` (split default ``test``). ``num`` limits the images.
+    ``templates``: None or ``"dataset"`` (the task's own, from ``assets/`` for built-in datasets, else open_clip's
+    OpenAI ImageNet set), ``"openai"`` / ``"simple"`` (open_clip's ImageNet sets), or a list (see fill_template).
     """
     from sklearn.metrics import balanced_accuracy_score
     from torch.utils.data import DataLoader
@@ -256,6 +269,8 @@ def zero_shot(model: Any, dataset: Any, task: str | None = None, templates: str 
     dataset, task = _open_dataset(dataset, split, task)
     if num is None and getattr(dataset, "unlimited", False):
         raise EvalError(f"dataset {dataset.spec!r} split {dataset.split!r} is unlimited; pass num= or use the test split")
+    if (num is not None and num < 1) or len(dataset) == 0:
+        raise EvalError(f"zero-shot accuracy needs at least 1 image, got num={num} of {len(dataset)}; pass a positive --num")
     classnames = dataset.tasks[task]
     classifier = zero_shot_classifier(clip, classnames, resolve_templates(templates, dataset, task))
     images = dataset if num is None else torch.utils.data.Subset(dataset, range(min(num, len(dataset))))
@@ -273,10 +288,15 @@ def zero_shot(model: Any, dataset: Any, task: str | None = None, templates: str 
             if len(classnames) >= 5:
                 top5_hits.append((logits.topk(5, dim=-1).indices == target[:, None]).any(-1).cpu())
     labels_all, predictions_all = torch.cat(labels), torch.cat(predictions)
+    with warnings.catch_warnings():
+        # Predicted classes that no image has are still wrong answers, counted against the true classes' recall;
+        # sklearn's warning about them says nothing to act on.
+        warnings.filterwarnings("ignore", "y_pred contains classes not in y_true")
+        recall = float(balanced_accuracy_score(labels_all.numpy(), predictions_all.numpy()))
     return {
         "top1": float((predictions_all == labels_all).float().mean()),
         "top5": float(torch.cat(top5_hits).float().mean()) if top5_hits else None,
-        "mean_per_class_recall": float(balanced_accuracy_score(labels_all.numpy(), predictions_all.numpy())),
+        "mean_per_class_recall": recall,
         "num_classes": len(classnames),
         "num_images": len(labels_all),
         "task": task,
