@@ -17,14 +17,6 @@ from vlkd.eval.speed import image_encoder_latency, measure_latency, measure_peak
 MB = 1 << 20
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and lose many times over when the cores are busy."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 class ScriptedCalls:
     """A function whose calls take the given (fake) durations, and the clock that sees them."""

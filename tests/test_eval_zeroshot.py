@@ -34,14 +34,6 @@ NUM_IMAGES = 300
 TASK_COLUMNS = {"shape": 0, "color": 1, "shape_color": 2}  # columns of shapes_test_set(...).labels
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and lose many times over when the cores are busy."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def shapes_tokenizer():
     vocab = shapes_vocabulary()

@@ -55,16 +55,22 @@ def demo_recipe(name: str, budget: dict[str, Any], features: list[str]) -> tuple
     return PIPELINES / f"{name}-digits.yaml", overrides
 
 
-def teacher_rows(steps: list[int], features: list[str], num: int) -> list[dict[str, Any]]:
-    """The teacher under DDIM (trailing spacing) at the students' step counts and at 16 steps."""
+def teacher_ddim() -> Any:
+    """The shipped digits teacher sampling with DDIM on trailing spacing (the grid the students use)."""
     from diffusers import DDPMPipeline
 
     from vlkd.data import assets_dir
-    from vlkd.eval.frontier import ddim_scheduler, measure, with_scheduler
-    from vlkd.recipes import EvalConfig
+    from vlkd.eval.frontier import ddim_scheduler, with_scheduler
 
     pipeline = DDPMPipeline.from_pretrained(assets_dir().parent / TEACHER)
-    ddim = with_scheduler(pipeline, ddim_scheduler(pipeline.scheduler.config, timestep_spacing="trailing"))
+    return with_scheduler(pipeline, ddim_scheduler(pipeline.scheduler.config, timestep_spacing="trailing"))
+
+
+def teacher_rows(ddim: Any, steps: list[int], features: list[str], num: int) -> list[dict[str, Any]]:
+    """The teacher at the students' step counts and at 16 steps."""
+    from vlkd.eval.frontier import measure
+    from vlkd.recipes import EvalConfig
+
     config = EvalConfig(num_samples=num, features=features, batch_size=250)
     return measure(ddim, sorted(set(steps) | {16}), config, REFERENCE, model="teacher", sampler="ddim")
 
@@ -143,9 +149,10 @@ def run_demo(args: argparse.Namespace) -> int:
         clip = json.loads((clip_student / "vlkd.json").read_text())
         commands.append(f"vlkd distill {clip_recipe.relative_to(PIPELINES.parent)} "
                         + " ".join(f"--set {shlex.quote(o)}" for o in budget["clip"]))
-        rows = teacher_rows(budget["steps"], features, budget["num_samples"]) + rows
+        ddim = teacher_ddim()  # loaded once for the table and the grids
+        rows = teacher_rows(ddim, budget["steps"], features, budget["num_samples"]) + rows
         frontier_plot(rows, features[0], folder / "frontier.png", title="digits: quality against sampling steps")
-        _teacher_grids(folder / "grids", budget["steps"])
+        _teacher_grids(ddim, folder / "grids", budget["steps"])
         for name in ("progressive", "consistency"):
             for grid in sorted((folder / f"{name}-student" / "samples").glob("*-final-*.png")):
                 (folder / "grids" / f"{name}-{grid.name}").write_bytes(grid.read_bytes())
@@ -159,16 +166,10 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _teacher_grids(folder: Path, steps: list[int]) -> None:
+def _teacher_grids(ddim: Any, folder: Path, steps: list[int]) -> None:
     """Sample grids of the teacher at the students' step counts and at 64 steps."""
-    from diffusers import DDPMPipeline
-
-    from vlkd.data import assets_dir
     from vlkd.diffusion.sample import sample_images, save_grid
-    from vlkd.eval.frontier import ddim_scheduler, with_scheduler
 
-    pipeline = DDPMPipeline.from_pretrained(assets_dir().parent / TEACHER)
-    ddim = with_scheduler(pipeline, ddim_scheduler(pipeline.scheduler.config, timestep_spacing="trailing"))
     ddim.set_progress_bar_config(disable=True)
     for count in sorted(set(steps) | {64}):
         save_grid(sample_images(ddim, 64, count, seed=0), folder / f"teacher-ddim-{count}steps.png")
