@@ -51,7 +51,10 @@ def evaluate_ddpm(folder: Path, num: int, reference: str) -> dict:
     # Trailing spacing starts DDIM at t = 999 (pure noise), as the distilled students do; diffusers' default
     # "leading" spacing ends the grid early (1 step samples at t = 0) and so mis-measures few-step sampling.
     ddim = with_scheduler(pipeline, ddim_scheduler(pipeline.scheduler.config, timestep_spacing="trailing"))
-    rows = measure(ddim, DDIM_STEPS, config, reference, model="teacher", sampler="ddim")
+    rows = []
+    for steps in DDIM_STEPS:  # one call per step count so that the log shows each figure as it lands
+        rows += measure(ddim, [steps], config, reference, model="teacher", sampler="ddim")
+        print(json.dumps(rows[-len(METRICS):]), flush=True)
     noise = measure(ddim, [NOISE_STEPS], config, reference, model="teacher", sampler="ddim", seed=1)
     search_config = EvalConfig(num_samples=num, features=["digits-classifier"], batch_size=250)
     best_name, search = best_dpm_solver(pipeline, search_config, reference)

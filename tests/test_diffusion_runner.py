@@ -17,12 +17,13 @@ TINY = ["--set", "train.steps=2", "--set", "train.batch_size=8", "--set", "eval.
         "--set", "eval.batch_size=8"]
 
 
-def save_teacher(folder, prediction="v_prediction", scheduler="DDPMScheduler", classes=None):
+def save_teacher(folder, prediction="v_prediction", scheduler="DDPMScheduler", classes=None, channels=1):
     import diffusers
     from diffusers import DDPMPipeline, UNet2DModel
 
     torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
+    unet = UNet2DModel(sample_size=8, in_channels=channels, out_channels=channels, block_out_channels=(16, 32),
+                       layers_per_block=1,
                        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
                        norm_num_groups=8, attention_head_dim=8, num_class_embeds=classes)

@@ -22,13 +22,18 @@ _EXTERNAL_COMMANDS = {
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
+    from vlkd.distributed import check_launch
     from vlkd.recipes import get_pipeline, load_recipe
 
+    check_launch()
     recipe = load_recipe(args.recipe, args.set or [])
     out = Path(args.out or recipe.out or f"runs/{Path(args.recipe).stem}")
     spec = get_pipeline(recipe.pipeline, f"recipe {args.recipe}")
     folder = spec.run(recipe, out, resume=args.resume, overwrite=args.overwrite)
-    print(f"wrote {folder}")
+    from vlkd.distributed import is_main_process
+
+    if is_main_process():
+        print(f"wrote {folder}")
     return 0
 
 

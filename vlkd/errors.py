@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 
 class VlkdError(Exception):
     """An error caused by the user's input or environment, reported without a traceback."""
@@ -37,3 +39,19 @@ class OutputExistsError(VlkdError):
 
 class NonFiniteLossError(VlkdError):
     """Training produced a NaN or infinite loss term."""
+
+
+class LaunchError(VlkdError):
+    """A multi-process launch that would not run what the user asked for."""
+
+
+# What loading a model folder raises when the folder is bad: missing or corrupt files, or a pickle holding code.
+MODEL_LOAD_ERRORS = (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError)
+
+
+def load_failure(exc: BaseException) -> str:
+    """One line saying why a model file did not load (a refused pickle gets its own words)."""
+    if isinstance(exc, pickle.UnpicklingError):
+        return ("a pickle weights file holds more than tensors and was refused unread (weights_only=True); "
+                "use safetensors weights")
+    return (str(exc).splitlines() or [type(exc).__name__])[0]

@@ -80,7 +80,8 @@ def get_accelerator(mixed_precision: str = "no"):
     from accelerate import Accelerator
 
     if _ACCELERATOR is None:
-        _ACCELERATOR = Accelerator(mixed_precision=mixed_precision)
+        # cpu=True without CUDA: accelerate then joins CPU processes (torchrun) with gloo instead of ignoring them.
+        _ACCELERATOR = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
     elif _ACCELERATOR.mixed_precision != mixed_precision:
         raise VlkdError(
             f"mixed_precision {mixed_precision!r} differs from this process's earlier {_ACCELERATOR.mixed_precision!r}"
@@ -312,42 +313,44 @@ def fit(
 
     progress = tqdm(total=config.steps, initial=start_step, desc=desc, disable=not accelerator.is_main_process,
                     dynamic_ncols=True)
-    for step in range(start_step, config.steps):
-        totals: dict[str, torch.Tensor] = {}
-        for micro in range(config.grad_accum):
-            batch = _to_device(next(batches), device)
-            sync = micro == config.grad_accum - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(wrapped):
-                terms = method(wrapped, teacher, batch)
-                _check_finite(terms, step + 1, accelerator, run_dir)
-                loss = sum(terms.values()) / config.grad_accum
-                accelerator.backward(loss)
-            for name, value in terms.items():
-                totals[name] = totals.get(name, 0) + value.detach() / config.grad_accum
-        if config.max_grad_norm:
-            accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.step(trainable)
-        if hasattr(method, "after_step"):
-            method.after_step(model)
+    try:
+        for step in range(start_step, config.steps):
+            totals: dict[str, torch.Tensor] = {}
+            for micro in range(config.grad_accum):
+                batch = _to_device(next(batches), device)
+                sync = micro == config.grad_accum - 1
+                with contextlib.nullcontext() if sync else accelerator.no_sync(wrapped):
+                    terms = method(wrapped, teacher, batch)
+                    _check_finite(terms, step + 1, accelerator, run_dir)
+                    loss = sum(terms.values()) / config.grad_accum
+                    accelerator.backward(loss)
+                for name, value in terms.items():
+                    totals[name] = totals.get(name, 0) + value.detach() / config.grad_accum
+            if config.max_grad_norm:
+                accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.step(trainable)
+            if hasattr(method, "after_step"):
+                method.after_step(model)
 
-        done = step + 1
-        losses = {k: accelerator.reduce(v, reduction="mean").item() for k, v in totals.items()}
-        record = {"step": done, "loss": sum(losses.values()), **losses, "lr": scheduler.get_last_lr()[0]}
-        history.append(record)
-        progress.update(1)
-        if done % config.log_every == 0 or done == config.steps:
-            progress.set_postfix({k: f"{v:.4g}" for k, v in losses.items()})
-        if done % config.checkpoint_every == 0 or done == config.steps:
-            checkpoint(done)
-        if accelerator.is_main_process:
-            state = FitState(done, config.steps, model, ema, losses, run_dir)
-            for callback in callbacks:
-                callback(state)
-    progress.close()
+            done = step + 1
+            losses = {k: accelerator.reduce(v, reduction="mean").item() for k, v in totals.items()}
+            record = {"step": done, "loss": sum(losses.values()), **losses, "lr": scheduler.get_last_lr()[0]}
+            history.append(record)
+            progress.update(1)
+            if done % config.log_every == 0 or done == config.steps:
+                progress.set_postfix({k: f"{v:.4g}" for k, v in losses.items()})
+            if done % config.checkpoint_every == 0 or done == config.steps:
+                checkpoint(done)
+            if accelerator.is_main_process:
+                state = FitState(done, config.steps, model, ema, losses, run_dir)
+                for callback in callbacks:
+                    callback(state)
+    finally:
+        progress.close()  # on an error too, so that its message starts on a line of its own
     if accelerator.is_main_process:
         with atomic_file(run_dir / "history.jsonl", "w") as handle:
             handle.writelines(json.dumps(r) + "\n" for r in history)

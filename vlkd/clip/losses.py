@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlkd.distributed import gather, gather_with_grad, num_processes
 from vlkd.errors import RecipeError
 
 Outputs = dict[str, torch.Tensor]
@@ -220,6 +221,8 @@ class ClipLossMethod:
             student_outputs["text_features"] = student_outputs["text_distill_features"] = text
         else:
             student_outputs = clip_outputs(student, batch)
+        if num_processes() > 1:
+            student_outputs, teacher_outputs, batch = _global_batch(student_outputs, teacher_outputs, batch)
         terms: dict[str, torch.Tensor] = {}
         for loss in self.losses:
             for name, value in loss(student_outputs, teacher_outputs, batch).items():
@@ -234,3 +237,15 @@ class ClipLossMethod:
         if isinstance(scale, torch.Tensor):
             with torch.no_grad():
                 scale.clamp_(0, math.log(MAX_LOGIT_SCALE))
+
+
+def _global_batch(student: Outputs, teacher: Outputs | None, batch: dict) -> tuple[Outputs, Outputs | None, dict]:
+    """Each process's per-sample outputs and tokens gathered into the global batch (in-batch losses need every
+    negative), so a multi-process run computes the loss a one-process run would."""
+
+    def whole(outputs: Outputs) -> Outputs:
+        return {name: (gather_with_grad(value) if value.requires_grad else gather(value))
+                if isinstance(value, torch.Tensor) and value.dim() > 0 else value for name, value in outputs.items()}
+
+    tokens = {"text": gather(batch["text"])} if isinstance(batch.get("text"), torch.Tensor) else {}
+    return whole(student), None if teacher is None else whole(teacher), {**batch, **tokens}

@@ -39,7 +39,7 @@ from torch import nn
 
 from vlkd.clip.tokenizer import (TOKENIZER_KEYS, TextTokenizer, describe_tokenizer, open_clip_tokenizer,
                                  tokenizer_signature)
-from vlkd.errors import ModelLoadError, RecipeError
+from vlkd.errors import MODEL_LOAD_ERRORS, ModelLoadError, RecipeError, load_failure
 
 TEXT_MODES = ("train", "locked", "shared-tokenizer")
 # text_cfg keys saying how the tower finds its pooled token in the tokenizer's ids (shared along with it).
@@ -191,8 +191,8 @@ def load_teacher(spec: str, device: str | torch.device = "cpu") -> ClipTeacher:
             teacher = _load_transformers(spec, name, identity)
         else:
             teacher = _load_open_clip(spec, name, pretrained, identity)
-    except (OSError, RuntimeError, ValueError, KeyError) as exc:
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+    except MODEL_LOAD_ERRORS as exc:
+        reason = load_failure(exc)
         raise ModelLoadError(f"cannot load CLIP teacher {spec!r}: {reason}") from None
     return teacher.to(device).eval().requires_grad_(False)
 

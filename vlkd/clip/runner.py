@@ -1,7 +1,8 @@
 """The ``clip-distill`` pipeline: a CLIP teacher -> a small open_clip student, trained with weighted CLIP losses,
 saved for open_clip (and transformers), measured (zero-shot top-1, image-encoding latency) into ``vlkd.json``.
 
-Run folder: ``<out>.run/`` beside the output holds ``fit``'s checkpoints until the output is complete, then goes.
+Run folder: ``<out>.run/`` beside the output (vlkd.runs) holds ``fit``'s checkpoints until the output is complete,
+then goes.
 The teacher-embedding cache lives under ``method.cache_dir`` (shared across runs: same key, same numbers).
 """
 
@@ -126,23 +127,23 @@ def run(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, overwrite:
     from vlkd.clip.losses import ClipLossMethod
     from vlkd.clip.models import build_student, image_tower_parameters, load_teacher
     from vlkd.files import check_output, staged_folder, write_json
-    from vlkd.train import fit, get_accelerator
+    from vlkd.runs import open_run_folder
+    from vlkd.train import fit, get_accelerator, list_checkpoints, seed_everything
 
     out = check_output(out_dir, overwrite)
-    run_dir = out.with_name(out.name + ".run")
-    if run_dir.exists() and overwrite and not resume:
-        shutil.rmtree(run_dir)
     method = recipe.method
     accelerator = get_accelerator(recipe.train.mixed_precision)
 
     teacher = load_teacher(recipe.teacher)
     pool = CaptionPool(_train_data(recipe, teacher), method.pool_size, reduce_captions=method.reduce_captions)
     pool[0]  # a dataset without captions fails here, before any model is built
+    seed_everything(recipe.train.seed)  # new heads and layers start the same on every process and every rerun
     student = build_student(recipe.student, teacher, method.text_mode)
     inherited = inherit_weights(student, teacher) if method.inherit else None
     teacher_tokenizer = None if student.tokenizer is teacher.tokenizer else teacher.tokenizer
     collate = ClipCollate(student.tokenizer, teacher_tokenizer)
     losses = build_losses(method.losses)
+    run_dir = open_run_folder(out, recipe, resume=resume, overwrite=overwrite)  # once the inputs are known good
 
     cache, cache_info = None, None
     if method.cache:
@@ -162,7 +163,8 @@ def run(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, overwrite:
 
     started = time.perf_counter()
     result = fit(ClipLossMethod(losses, cache=cache, shared_text=method.text_mode == "locked"), student, pool,
-                 recipe.train, run_dir / "train", teacher=None if cache is not None else teacher, resume=resume,
+                 recipe.train, run_dir / "train", teacher=None if cache is not None else teacher,
+                 resume=bool(list_checkpoints(run_dir / "train")),  # a run killed before its first one starts over
                  collate_fn=collate, desc="clip distill")
     training_seconds = time.perf_counter() - started
     final = result.final_model().eval()
@@ -193,6 +195,10 @@ def run(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, overwrite:
             "metrics": metrics,
             "versions": _versions(),
         })
+        history = run_dir / "train" / "history.jsonl"
+        if history.is_file():  # every step's loss terms, as the diffusion pipelines keep them
+            (folder / "training").mkdir()
+            shutil.copy2(history, folder / "training" / "history.jsonl")
     shutil.rmtree(run_dir, ignore_errors=True)
     return out
 

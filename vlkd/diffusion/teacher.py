@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from vlkd.diffusion.schedule import PREDICTION_TYPES, NoiseSchedule
-from vlkd.errors import ModelLoadError
+from vlkd.errors import MODEL_LOAD_ERRORS, ModelLoadError, load_failure
 
 # Schedulers whose config describes the discrete variance-preserving process z_t = alpha_t x + sigma_t eps by its
 # betas: a UNet trained under any of them is a DDPM-family model. Sigma- and flow-based ones (EDM, consistency
@@ -166,8 +166,8 @@ def _load_unet(folder: Path, where: str) -> Any:
                              "consistency distillation take a diffusers UNet2DModel")
     try:
         return UNet2DModel.from_pretrained(folder)
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+    except MODEL_LOAD_ERRORS as exc:
+        reason = load_failure(exc)
         raise ModelLoadError(f"{where}: cannot load the UNet in {folder}: {reason}") from None
 
 

@@ -4,44 +4,24 @@ Training, checkpoints, sample grids and each stage's exported student (a round o
 the consistency student) live there until the whole recipe is done; then the output folder is assembled in a
 temporary folder, renamed into place, and the run folder is removed. A stage folder is written atomically, so
 its existence means the stage is complete: a resumed run skips it and continues from the next one.
+On several processes only the main one writes here; the others wait for it at each step that writes.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
+from vlkd.distributed import is_main_process, wait_for_everyone
 from vlkd.diffusion.evaluate import evaluate_pipeline, save_uint8_grid
 from vlkd.diffusion.export import read_info, save_student, write_info
 from vlkd.diffusion.sample import load_pipeline
-from vlkd.errors import CheckpointError
-from vlkd.files import staged_folder, write_json
-from vlkd.recipes import EvalConfig, Recipe, recipe_to_dict
-
-# Train keys that change how a run is watched, not what it trains: they may differ when resuming.
-_OPERATIONAL_KEYS = ("log_every", "checkpoint_every", "keep_checkpoints", "num_workers", "attention")
-
-
-def recipe_identity(recipe: Recipe) -> dict[str, Any]:
-    """What must not change between a run and its resumption (as plain JSON data)."""
-    data = recipe_to_dict(recipe)
-    identity = {k: data[k] for k in ("pipeline", "teacher", "data", "method", "student", "train")}
-    identity["train"] = {k: v for k, v in identity["train"].items() if k not in _OPERATIONAL_KEYS}
-    return json.loads(json.dumps(identity, default=str))
-
-
-def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        found = []
-        for key in sorted(set(old) | set(new), key=str):
-            found += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
-        return found
-    return [] if old == new else [f"{prefix.rstrip('.')} ({old!r} then, {new!r} now)"]
-
+from vlkd.files import staged_folder
+from vlkd.recipes import EvalConfig, Recipe
+from vlkd.runs import open_run_folder
 
 class Workspace:
     """``<out>.run/``: ``recipe.json``, ``train/<stage>/`` (fit run folders), ``stages/<stage>/`` (exports),
@@ -54,26 +34,7 @@ class Workspace:
     @classmethod
     def open(cls, out: str | Path, recipe: Recipe, *, resume: bool, overwrite: bool) -> "Workspace":
         """Start a run folder, or reopen one with ``resume`` after checking it ran the same recipe."""
-        out = Path(out)
-        path = out.with_name(out.name + ".run")
-        recorded = path / "recipe.json"
-        identity = recipe_identity(recipe)
-        if resume:
-            if not recorded.is_file():
-                raise CheckpointError(f"--resume: {path} holds no earlier run of this recipe; run without --resume")
-            changed = _differences(json.loads(recorded.read_text()), identity)
-            if changed:
-                raise CheckpointError(f"--resume: the recipe differs from the run in {path} at {changed[0]}; "
-                                      "resume with the same recipe, or pass --overwrite without --resume")
-        elif path.exists():
-            if not overwrite:
-                raise CheckpointError(f"{path} holds an unfinished run; pass --resume to continue it or --overwrite "
-                                      "to start over")
-            shutil.rmtree(path)
-        path.mkdir(parents=True, exist_ok=True)
-        if not recorded.is_file():
-            write_json(recorded, identity)
-        return cls(out, path)
+        return cls(Path(out), open_run_folder(out, recipe, resume=resume, overwrite=overwrite))
 
     def train_dir(self, name: str) -> Path:
         """Where ``fit`` checkpoints the stage."""
@@ -91,6 +52,13 @@ class Workspace:
                      eval_config: EvalConfig, reference: str, num_reference: int | None, seed: int = 0) -> Path:
         """Save the stage's student, measure it at ``eval_steps`` from the saved folder, and record the numbers."""
         folder = self.stage_dir(name)
+        if is_main_process():
+            self._export_stage(name, folder, pipeline, info, eval_steps, eval_config, reference, num_reference, seed)
+        wait_for_everyone()
+        return folder
+
+    def _export_stage(self, name: str, folder: Path, pipeline: Any, info: dict[str, Any], eval_steps: Sequence[int],
+                      eval_config: EvalConfig, reference: str, num_reference: int | None, seed: int) -> None:
         with staged_folder(folder, overwrite=True) as staging:
             save_student(pipeline, staging)
             rows: list[dict[str, Any]] = []
@@ -105,11 +73,16 @@ class Workspace:
             write_info(staging, {**info, "metrics": rows})
         # The exported weights are the stage's result; its optimizer checkpoints are no longer needed.
         shutil.rmtree(self.train_dir(name) / "checkpoints", ignore_errors=True)
-        return folder
 
     def assemble(self, final: str, others: Sequence[str], extra: dict[str, Any], overwrite: bool) -> Path:
         """Write the output folder: the final stage at its root, other stages under ``rounds/``, the grids under
         ``samples/`` and loss histories under ``training/``; then remove the run folder."""
+        if is_main_process():
+            self._assemble(final, others, extra, overwrite)
+        wait_for_everyone()
+        return self.out
+
+    def _assemble(self, final: str, others: Sequence[str], extra: dict[str, Any], overwrite: bool) -> None:
         with staged_folder(self.out, overwrite=overwrite) as staging:
             shutil.copytree(self.stage_dir(final), staging, dirs_exist_ok=True)
             info = read_info(staging)
@@ -127,4 +100,3 @@ class Workspace:
                     shutil.copy2(history, staging / "training" / f"{name}-history.jsonl")
             write_info(staging, {**info, **extra})
         shutil.rmtree(self.path, ignore_errors=True)
-        return self.out

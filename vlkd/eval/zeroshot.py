@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from vlkd.errors import DataError, EvalError, ModelLoadError
+from vlkd.errors import MODEL_LOAD_ERRORS, DataError, EvalError, ModelLoadError, load_failure
 from vlkd.eval.sources import parse_dataset_spec
 
 Template = str | Callable[[str], str]
@@ -173,8 +173,8 @@ def load_clip(spec: str, *, device: str | torch.device | None = None, attention_
             raise ModelLoadError(f"{path} holds neither open_clip_config.json nor a transformers config.json; pass a CLIP model folder")
         else:
             clip = _load_open_clip(spec)
-    except (OSError, RuntimeError, ValueError, KeyError) as exc:
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+    except MODEL_LOAD_ERRORS as exc:
+        reason = load_failure(exc)
         raise ModelLoadError(f"cannot load CLIP model {spec!r}: {reason}") from None
     clip.model.to(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))).eval()
     use_attention_if_available(clip.model, attention_backend)
