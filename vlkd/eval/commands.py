@@ -1,4 +1,4 @@
-"""``vlkd eval fid | kid | zeroshot``: arguments, a short markdown table on stdout, and JSON with ``--out``.
+"""``vlkd eval fid | kid | zeroshot | frontier``: arguments, a short markdown table on stdout, and JSON with ``--out``.
 
 Imports of torch and the metrics happen inside the commands, so building the parser stays fast.
 """
@@ -30,7 +30,7 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_eval_commands(subparsers: Any) -> None:
-    """Add ``fid``, ``kid`` and ``zeroshot`` to an argparse subparsers object; each sets ``func(args) -> int``."""
+    """Add ``fid``, ``kid``, ``zeroshot`` and ``frontier`` to an argparse subparsers object; each sets ``func(args) -> int``."""
     fid = subparsers.add_parser("fid", help="Frechet distance between two image sources")
     _add_source_arguments(fid)
     fid.set_defaults(func=run_fid)
@@ -53,6 +53,27 @@ def add_eval_commands(subparsers: Any) -> None:
     zeroshot.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     zeroshot.add_argument("--out", metavar="JSON", help="also write the result as JSON")
     zeroshot.set_defaults(func=run_zeroshot)
+
+    frontier = subparsers.add_parser("frontier", help="FID against sampling steps: a teacher (DDIM, DPM-Solver++) and "
+                                                      "its distilled students, as a table and a plot")
+    frontier.add_argument("--teacher", required=True, metavar="FOLDER", help="the teacher's diffusers pipeline folder")
+    frontier.add_argument("--students", default="", metavar="A,B",
+                          help="exported student folders, comma-separated (a progressive one brings its rounds)")
+    frontier.add_argument("--steps", default="1,2,4,8", metavar="K,K", help="step counts (default: 1,2,4,8)")
+    frontier.add_argument("--teacher-steps", default="", metavar="K,K",
+                          help="extra DDIM step counts for the teacher only, e.g. 16,64,256")
+    frontier.add_argument("--num", type=int, default=1000, metavar="N", help="samples per point (default: 1000)")
+    frontier.add_argument("--reference", metavar="SRC",
+                          help=f"reference images (default: the first student's training data): {SOURCE_HELP}")
+    frontier.add_argument("--features", default="inception,digits-classifier", metavar="A,B",
+                          help="feature spaces, comma-separated (default: inception,digits-classifier)")
+    frontier.add_argument("--dpm-solver", metavar="NAME",
+                          help="DPM-Solver++ configuration (default: the one recorded with the teacher, else the "
+                               "best at 4 steps)")
+    frontier.add_argument("--batch-size", type=int, default=250, metavar="B")
+    frontier.add_argument("--seed", type=int, default=0)
+    frontier.add_argument("--out", metavar="DIR", help="write frontier.md, frontier.json and one PNG per feature space")
+    frontier.set_defaults(func=run_frontier_command)
 
 
 def _table(row: dict[str, Any]) -> str:
@@ -131,3 +152,69 @@ def run_zeroshot(args: argparse.Namespace) -> int:
     result = zero_shot(clip, args.dataset, templates=templates, batch_size=args.batch_size, num=args.num,
                        attention_backend=None)  # load_clip already installed the attention kernels
     return _report({"metric": "zeroshot", "model": args.model, "dataset": args.dataset, **result}, args.out)
+
+
+def _counts(text: str, option: str) -> list[int]:
+    from vlkd.errors import RecipeError
+
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise RecipeError(f"{option} {text!r}: give step counts as integers separated by commas, e.g. 1,2,4,8") from None
+    if any(count < 1 for count in counts):
+        raise RecipeError(f"{option} {text!r}: step counts must be at least 1")
+    return counts
+
+
+def _default_reference(students: list[str]) -> str:
+    from pathlib import Path
+
+    from vlkd.diffusion.export import read_info
+    from vlkd.errors import EvalError
+
+    for student in students:
+        data = read_info(Path(student)).get("recipe", {}).get("data")
+        if data:
+            return data if "@" in data else f"{data}@train"
+    raise EvalError("no student records its training data; pass --reference (e.g. digits:16@all)")
+
+
+def run_frontier_command(args: argparse.Namespace) -> int:
+    import datetime
+    import platform
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from vlkd.errors import RecipeError
+    from vlkd.eval.frontier import DPM_SOLVER_CANDIDATES, frontier_plot, frontier_table, run_frontier
+    from vlkd.files import atomic_file, write_json
+    from vlkd.recipes import EvalConfig
+
+    if args.dpm_solver and args.dpm_solver not in DPM_SOLVER_CANDIDATES:
+        raise RecipeError(f"--dpm-solver {args.dpm_solver!r} is not a known configuration; use one of: "
+                          + ", ".join(DPM_SOLVER_CANDIDATES))
+    students = [s for s in args.students.split(",") if s.strip()]
+    features = [f for f in args.features.split(",") if f.strip()]
+    steps, teacher_steps = _counts(args.steps, "--steps"), _counts(args.teacher_steps, "--teacher-steps")
+    reference = args.reference or _default_reference(students)
+    config = EvalConfig(num_samples=args.num, features=features, batch_size=args.batch_size)
+    rows, solver = run_frontier(args.teacher, students, steps, config, reference, teacher_steps=teacher_steps,
+                                dpm_solver=args.dpm_solver, seed=args.seed)
+    table = frontier_table(rows)
+    print(table)
+    if args.out:
+        out = Path(args.out)  # files written one by one, atomically: the folder may hold other things
+        with atomic_file(out / "frontier.md", "w") as handle:
+            handle.write(f"# Quality against sampling steps\n\n{args.num} samples per point against {reference}, "
+                         f"seed {args.seed}; DPM-Solver++ (2M) in its {solver!r} configuration.\n\n{table}\n\n"
+                         f"Command: `vlkd {' '.join(sys.argv[1:])}`\n\nMachine: {platform.machine()}, "
+                         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; "
+                         f"{datetime.date.today().isoformat()}.\n")
+        write_json(out / "frontier.json", {"reference": reference, "num_samples": args.num, "seed": args.seed,
+                                           "dpm_solver": solver, "rows": rows})
+        for name in features:
+            frontier_plot(rows, name, out / f"frontier-{name}.png", title=Path(args.teacher).name)
+        print(f"wrote {args.out}")
+    return 0

@@ -1,6 +1,6 @@
 """Quality against sampling steps: a diffusers pipeline measured under several schedulers and step counts.
 
-What the teacher model cards, ``vlkd eval frontier`` and the demo report print. Measuring goes through
+What the teacher model cards, ``vlkd eval frontier`` (``run_frontier``) and the demo report print. Measuring goes through
 ``vlkd.diffusion.evaluate.evaluate_pipeline`` (one sampling run per step count, shared by all feature spaces),
 so teacher and student figures come from the same code.
 """
@@ -121,3 +121,54 @@ def frontier_plot(rows: Sequence[dict[str, Any]], features: str, path: str | Pat
     plt.close(figure)
     return path
 
+
+
+def teacher_dpm_solver(teacher_folder: Path) -> tuple[str, dict[str, Any]] | None:
+    """The DPM-Solver++ configuration recorded with a shipped teacher (its metrics.json), if any."""
+    import json
+
+    path = Path(teacher_folder) / "metrics.json"
+    if not path.is_file():
+        return None
+    recorded = json.loads(path.read_text()).get("dpm_solver")
+    return None if not recorded else (recorded["best"], DPM_SOLVER_CANDIDATES.get(recorded["best"], {}))
+
+
+def student_points(folder: Path, steps: Sequence[int]) -> list[tuple[Path, int]]:
+    """(pipeline folder, step count) pairs a distilled student is measured at: a progressive student at each of
+    its rounds' step counts (the rounds are kept under ``rounds/``), a consistency student at every requested
+    count it can sample (1 to its solver steps)."""
+    from vlkd.diffusion.export import read_info
+
+    info = read_info(folder)
+    if info.get("method") == "progressive":
+        rounds = [folder] + [folder / path for path in info.get("rounds", {}).values()]
+        points = [(round_folder, read_info(round_folder)["steps"]) for round_folder in rounds]
+        return sorted((p for p in points if p[1] in steps), key=lambda p: p[1])
+    limit = info.get("num_solver_steps") or max(steps)
+    return [(folder, count) for count in steps if count <= limit]
+
+
+def run_frontier(teacher: str | Path, students: Sequence[str | Path], steps: Sequence[int], config: Any,
+                 reference: str, *, teacher_steps: Sequence[int] = (), dpm_solver: str | None = None,
+                 seed: int = 0) -> tuple[list[dict[str, Any]], str]:
+    """Rows for the teacher under DDIM (trailing) and DPM-Solver++ and for each student, all against
+    ``reference`` with the same sample count and seed; and the name of the DPM-Solver++ configuration used
+    (``dpm_solver``, else the one recorded with the teacher, else the best at 4 steps among the candidates)."""
+    from vlkd.diffusion.sample import load_pipeline
+
+    pipeline = load_pipeline(teacher)
+    ddim = with_scheduler(pipeline, ddim_scheduler(pipeline.scheduler.config, timestep_spacing="trailing"))
+    rows = measure(ddim, sorted(set(steps) | set(teacher_steps)), config, reference, model="teacher",
+                   sampler="ddim", seed=seed)
+    recorded = teacher_dpm_solver(Path(teacher))
+    if dpm_solver is None and recorded is None:
+        dpm_solver, _ = best_dpm_solver(pipeline, config, reference)
+    name = dpm_solver or recorded[0]  # type: ignore[index]
+    solver = with_scheduler(pipeline, dpm_solver_scheduler(pipeline.scheduler.config, **DPM_SOLVER_CANDIDATES[name]))
+    rows += measure(solver, steps, config, reference, model="teacher", sampler=f"dpm-solver++ ({name})", seed=seed)
+    for student in students:
+        for folder, count in student_points(Path(student), steps):
+            rows += measure(load_pipeline(folder), [count], config, reference, model=Path(student).name,
+                            sampler="student", seed=seed)
+    return rows, name
