@@ -217,29 +217,42 @@ def _history(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def _two_processes(launcher: str, argv: list[str]) -> subprocess.CompletedProcess:
+def _two_processes(launcher: str, argv: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    """The three ways to start 2 CPU processes: accelerate through torchrun (--multi_gpu, which without a GPU runs
+    CPU processes), accelerate through Open MPI (--cpu, its documented CPU launch), and torchrun itself."""
     port = str(_free_port())
+    accelerate = ["accelerate", "launch", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                  "--dynamo_backend", "no", "--main_process_port", port]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     if launcher == "accelerate":
-        command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port]
+        command = [*accelerate, "--multi_gpu"]
+    elif launcher == "accelerate-mpirun":
+        hostfile = tmp_path / "hostfile"
+        hostfile.write_text("localhost slots=2\n")
+        command = [*accelerate, "--cpu", "--mpirun_hostfile", str(hostfile)]
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")  # containers often run as root
     else:
         command = ["torchrun", "--nproc_per_node", "2", "--master_port", port]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run([*command, "-m", "vlkd", *argv], capture_output=True, text=True, env=env, timeout=600,
                           cwd=REPO)
 
 
-@pytest.mark.parametrize("pipeline", ["progressive", "clip-distill"])
-def test_two_processes_train_what_one_process_trains(tmp_path, ddpm_teacher, clip_teacher, pipeline):
-    if pipeline == "progressive":
-        recipe = diffusion_recipe(tmp_path, ddpm_teacher, "progressive", {"teacher_steps": 4, "student_steps": 2})
-        argv, history, launcher = ["distill", recipe, "--set", "train.steps=20"], "training/steps-2-history.jsonl", \
-            "accelerate"
+@pytest.mark.parametrize("pipeline, launcher", [
+    ("progressive", "accelerate"),
+    ("clip-distill", "torchrun"),
+    pytest.param("consistency", "accelerate-mpirun", marks=pytest.mark.skipif(
+        shutil.which("mpirun") is None, reason="needs Open MPI's mpirun (apt install openmpi-bin)")),
+])
+def test_two_processes_train_what_one_process_trains(tmp_path, ddpm_teacher, clip_teacher, pipeline, launcher):
+    if pipeline == "clip-distill":
+        argv, history = ["distill", clip_recipe(tmp_path, clip_teacher, steps=20)], "training/history.jsonl"
     else:
-        argv, history, launcher = ["distill", clip_recipe(tmp_path, clip_teacher, steps=20)], \
-            "training/history.jsonl", "torchrun"
+        method = {"teacher_steps": 4, "student_steps": 2} if pipeline == "progressive" else {"num_solver_steps": 10}
+        name = "steps-2" if pipeline == "progressive" else "student"
+        argv = ["distill", diffusion_recipe(tmp_path, ddpm_teacher, pipeline, method), "--set", "train.steps=20"]
+        history = f"training/{name}-history.jsonl"
     assert run_vlkd([*argv, "--out", str(tmp_path / "one")]) == 0
-    two = _two_processes(launcher, [*argv, "--out", str(tmp_path / "two")])
+    two = _two_processes(launcher, [*argv, "--out", str(tmp_path / "two")], tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("wrote ") == 1  # only the main process reports (and writes)
     one_losses, two_losses = _history(tmp_path / "one" / history), _history(tmp_path / "two" / history)

@@ -30,8 +30,9 @@ def check_launch() -> None:
     ranked = any(name in os.environ for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
     if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and "MASTER_ADDR" in os.environ and not ranked:
         raise LaunchError("`accelerate launch --cpu --num_processes N` started 1 process (accelerate spawns CPU "
-                          "processes only through mpirun); use `accelerate launch --multi_gpu --num_processes N` or "
-                          "`torchrun --nproc_per_node N -m vlkd ...`, which run N CPU processes when there is no GPU")
+                          "processes only through mpirun: add --mpirun_hostfile FILE); or use `accelerate launch "
+                          "--multi_gpu --num_processes N` or `torchrun --nproc_per_node N -m vlkd ...`, which run N CPU "
+                          "processes when there is no GPU")
 
 
 def num_processes() -> int:
