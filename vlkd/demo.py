@@ -82,37 +82,61 @@ def student_rows(folder: Path, name: str) -> list[dict[str, Any]]:
             for row in info["metrics"] if row["model"] == "."]
 
 
-def clip_table(info: dict[str, Any]) -> str:
-    """Teacher and student: image-tower parameters, zero-shot top-1 per task, image-encoding ms at batch 64."""
-    metrics = info["metrics"]
-    tasks = list(metrics["zero_shot"])
-    header = ["model", "image-tower parameters", *(f"top-1 {t.rsplit(':', 1)[-1]} %" for t in tasks),
-              "image encoding ms"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+TASKS = ("shape", "color", "shape_color")
+
+
+def demo_table(rows: list[dict[str, Any]], clip: dict[str, Any], unet_parameters: int) -> list[dict[str, Any]]:
+    """One row per teacher and student, diffusion and CLIP alike: steps, FD per feature space, seconds per image,
+    zero-shot top-1 per shapes task, parameters (the UNet, or the image tower) and image-encoding ms (None where a
+    column does not apply)."""
+    from vlkd.eval.frontier import by_point
+
+    table = []
+    for (model, sampler, steps), point in by_point(rows).items():
+        table.append({"model": f"{model}, {sampler}", "steps": steps, "fd": point["fd"],
+                      "seconds_per_image": point["seconds_per_image"], "top1": {}, "parameters": unet_parameters,
+                      "image_encoding_ms": None})
+    metrics = clip["metrics"]
     for who, zero_shot in (("teacher", "teacher_zero_shot"), ("student", "zero_shot")):
+        top1 = {spec.rsplit(":", 1)[-1]: result["top1"] for spec, result in metrics[zero_shot].items()}
         latency = metrics["image_encoding_latency"][who]
-        cells = [f"CLIP {who}", f"{info[who]['image_tower_parameters']:,}",
-                 *(f"{100 * metrics[zero_shot][t]['top1']:.2f}" for t in tasks),
-                 f"{1000 * latency['median_s']:.1f} (batch {latency['batch_size']})"]
+        table.append({"model": f"CLIP {who}", "steps": None, "fd": {}, "seconds_per_image": None, "top1": top1,
+                      "parameters": clip[who]["image_tower_parameters"],
+                      "image_encoding_ms": 1000 * latency["median_s"]})
+    return table
+
+
+def table_markdown(table: list[dict[str, Any]], features: list[str]) -> str:
+    """The demo table as markdown; '-' where a column does not apply."""
+    def cell(value: Any, form: str) -> str:
+        return "-" if value is None else format(value, form)
+
+    header = ["model", "steps", *(("FID" if f == "inception" else f"FD {f}") for f in features), "s/image",
+              *(f"top-1 {task} %" for task in TASKS), "parameters", "image encoding ms (batch 64)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in table:
+        cells = [row["model"], cell(row["steps"], "d"), *(cell(row["fd"].get(f), ".2f") for f in features),
+                 cell(row["seconds_per_image"], ".4f"),
+                 *(cell(None if task not in row["top1"] else 100 * row["top1"][task], ".2f") for task in TASKS),
+                 cell(row["parameters"], ","), cell(row["image_encoding_ms"], ".1f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def report(rows: list[dict[str, Any]], clip: dict[str, Any], commands: list[str], minutes: float, mode: str) -> str:
-    """The markdown report: the table, how to reproduce, versions and machine."""
+def report(table: str, commands: list[str], minutes: float, mode: str) -> str:
+    """The markdown report: the table, what was written, how to reproduce, versions and machine."""
     import diffusers
     import torch
 
     import vlkd
-    from vlkd.eval.frontier import frontier_table
 
     return "\n".join([
         f"# vlkd demo ({mode})", "",
-        "The shipped digits DDPM teacher and its few-step students, measured in this run with the same harness: "
-        f"Fréchet distance against all 1,797 digits ({REFERENCE}) and sampling seconds per image.", "",
-        frontier_table(rows), "",
-        "The shipped shapes CLIP teacher and its distilled student (zero-shot on the shapes test split):", "",
-        clip_table(clip), "",
+        "The shipped digits DDPM teacher and its few-step students, and the shipped shapes CLIP teacher and its "
+        "small student, all measured in this run with the same harness: Fréchet distance against all 1,797 digits "
+        f"({REFERENCE}; lower is better), sampling seconds per image, zero-shot top-1 on the shapes test split, "
+        "parameters (the UNet; the CLIP image tower) and image-encoding milliseconds on the CPU.", "",
+        table, "",
         "Grids: `grids/`. Plot: `frontier.png`. Students: `progressive-student/` and `consistency-student/`, "
         "each a diffusers pipeline folder (`DiffusionPipeline.from_pretrained(folder)`); their README.md shows how "
         "to sample them. CLIP student: `clip-student/`, an open_clip folder "
@@ -156,8 +180,9 @@ def run_demo(args: argparse.Namespace) -> int:
         for name in ("progressive", "consistency"):
             for grid in sorted((folder / f"{name}-student" / "samples").glob("*-final-*.png")):
                 (folder / "grids" / f"{name}-{grid.name}").write_bytes(grid.read_bytes())
-        text = report(rows, clip, commands, (time.time() - started) / 60, mode)
-        write_json(folder / "results.json", {"mode": mode, "features": features, "rows": rows,
+        table = demo_table(rows, clip, sum(p.numel() for p in ddim.unet.parameters()))
+        text = report(table_markdown(table, features), commands, (time.time() - started) / 60, mode)
+        write_json(folder / "results.json", {"mode": mode, "features": features, "table": table, "rows": rows,
                                              "clip": clip["metrics"]})
         with atomic_file(folder / "report.md", "w") as handle:
             handle.write(text)
