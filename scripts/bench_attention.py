@@ -283,6 +283,7 @@ def _unet_table() -> tuple[list[str], dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=OUTPUT, help=f"markdown file to write (default: {OUTPUT})")
     args = parser.parse_args()
     if args.case:
         _run_case_here(json.loads(args.case))
@@ -319,8 +320,7 @@ def main() -> None:
     text = "\n".join(header + backend_lines + [""] + routing_lines + [""] + unet_lines) + "\n"
     if CUDA_RECORD.is_file():  # written on a GPU machine by scripts/check_cuda_kernels.py; kept verbatim
         text += "\n#" + CUDA_RECORD.read_text()
-    OUTPUT.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(OUTPUT, "w") as handle:
+    with atomic_file(args.out, "w") as handle:
         handle.write(text)
     print(text)
 

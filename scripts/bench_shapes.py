@@ -6,7 +6,10 @@ Prints a markdown table and writes it to ``benchmarks/shapes.md``. Run: ``python
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -14,6 +17,7 @@ import PIL
 import torch
 
 from vlkd.data import build_dataset
+from vlkd.files import atomic_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,17 +40,19 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--count", type=int, default=2000, help="images per timing")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--output", type=Path, default=REPO_ROOT / "benchmarks" / "shapes.md")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "shapes.md")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
     lines = [
         "# shapes: generation speed",
         "",
-        "One thread, train split drawn on the fly (`dataset[i]`, PIL drawing + tensor in [-1, 1]); "
-        f"best of {args.repeats} x {args.count} images. {platform.processor() or platform.machine()}, "
-        f"Python {platform.python_version()}, "
-        f"Pillow {PIL.__version__}, torch {torch.__version__}.",
+        f"- date: {datetime.date.today().isoformat()}",
+        f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 thread",
+        f"- Python {platform.python_version()}, Pillow {PIL.__version__}, torch {torch.__version__}",
+        f"- command: `{' '.join(['python scripts/bench_shapes.py', *sys.argv[1:]])}`",
+        f"- train split drawn on the fly (`dataset[i]`, PIL drawing + tensor in [-1, 1]); best of {args.repeats} x "
+        f"{args.count} images",
         "",
         "| size | images/s (1 thread) | ms/image |",
         "|---:|---:|---:|",
@@ -56,8 +62,8 @@ def main() -> None:
         lines.append(f"| {size} | {rate:,.0f} | {1000 / rate:.3f} |")
     table = "\n".join(lines) + "\n"
     print(table)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(table)
+    with atomic_file(args.out, "w") as handle:
+        handle.write(table)
 
 
 if __name__ == "__main__":

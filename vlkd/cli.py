@@ -114,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="run the benchmark scripts and write benchmarks/*.md")
     bench.add_argument("names", nargs="*", help="benchmarks to run (default: all)")
-    bench.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    bench.add_argument("--quick", action="store_true",
+                       help="smaller sizes, for a smoke run (written to runs/bench-quick/ unless --out)")
+    bench.add_argument("--out", metavar="DIR", help="write the tables here instead of benchmarks/")
     bench.set_defaults(func=_lazy("vlkd.bench:run_bench_command"))
     return parser
 
