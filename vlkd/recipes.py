@@ -88,8 +88,8 @@ class Recipe:
 _PIPELINES: dict[str, str] = {
     "progressive": "vlkd.diffusion.runner:PROGRESSIVE",
     "consistency": "vlkd.diffusion.runner:CONSISTENCY",
-    "lcm": "vlkd.diffusion.runner:LCM",
-    "lcm-lora": "vlkd.diffusion.runner:LCM_LORA",
+    "lcm": "vlkd.diffusion.lcm_runner:LCM",
+    "lcm-lora": "vlkd.diffusion.lcm_runner:LCM_LORA",
     "clip-distill": "vlkd.clip.runner:CLIP_DISTILL",
 }
 _REGISTERED: dict[str, PipelineSpec] = {}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -61,66 +61,101 @@ def solver_grid(num_train_timesteps: int, num_solver_steps: int) -> torch.Tensor
     return torch.arange(1, num_solver_steps + 1) * ratio - 1
 
 
+def consistency_loss(prediction: torch.Tensor, target: torch.Tensor, loss: str, huber_c: float
+                     ) -> dict[str, torch.Tensor]:
+    """The named distance between the student's and the target's estimates: ``cd_l2`` or pseudo-Huber ``cd_huber``."""
+    difference = prediction - target
+    if loss == "l2":
+        return {"cd_l2": (difference**2).mean()}
+    return {"cd_huber": ((difference**2 + huber_c**2).sqrt() - huber_c).mean()}
+
+
 class ConsistencyDistillation(nn.Module):
-    """The CD loss; holds the target network, updated from the student after every optimizer step."""
+    """The CD loss; holds the target network, updated from the student after every optimizer step.
+
+    ``forward`` is the algorithm; what a sample is conditioned on and how each network is called are hooks
+    (``inputs``, ``network``, ``teacher_x0_eps``, ``target_network``), which latent consistency distillation
+    (``vlkd.diffusion.lcm``) overrides for text-conditioned latent UNets and classifier-free guidance.
+    """
 
     def __init__(self, schedule: NoiseSchedule, student: nn.Module, config: ConsistencyConfig,
-                 class_conditional: bool = False, student_prediction: str | None = None):
+                 class_conditional: bool = False, student_prediction: str | None = None,
+                 separate_target: bool = True):
         super().__init__()
         self.schedule, self.config = schedule, config
         self.class_conditional = class_conditional
         # The teacher speaks the schedule's parameterisation; the student (and its target copy) may differ.
         self.student_prediction = student_prediction or schedule.prediction_type
-        self.target = copy.deepcopy(student).requires_grad_(False).eval()
+        self.target = copy.deepcopy(student).requires_grad_(False).eval() if separate_target else None
         self.register_buffer("grid", solver_grid(schedule.num_train_timesteps, config.num_solver_steps),
                              persistent=False)
 
-    def consistency(self, model: nn.Module, z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None
-                    ) -> torch.Tensor:
+    # ------------------------------------------------------------------ hooks
+
+    def inputs(self, teacher: Any, batch: dict) -> tuple[torch.Tensor, Any]:
+        """The clean samples to noise and what every network is conditioned on (class labels, or None)."""
+        labels = batch.get("label") if self.class_conditional else None
+        return batch["pixel_values"], labels
+
+    def network(self, model: nn.Module, z: torch.Tensor, t: torch.Tensor, condition: Any) -> torch.Tensor:
+        """A student-side network's raw output at (z, t)."""
+        return model(z, t, class_labels=condition).sample.float()
+
+    def teacher_x0_eps(self, teacher: Any, z: torch.Tensor, t: torch.Tensor, condition: Any
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's (x0, eps) at (z, t), in the schedule's parameterisation."""
+        return self.schedule.to_x0_eps(teacher(z, t, class_labels=condition).sample.float(), z, t)
+
+    def target_network(self, student: nn.Module) -> nn.Module:
+        """The network that maps the teacher's step to the target estimate (called under no_grad): the EMA copy,
+        or without one the online student itself (target_ema 0 without a copy, as LCM-LoRA does)."""
+        return self.target if self.target is not None else student
+
+    # ------------------------------------------------------------------ the algorithm
+
+    def consistency(self, model: nn.Module, z: torch.Tensor, t: torch.Tensor, condition: Any) -> torch.Tensor:
         """f(z, t) = c_skip z + c_out x0(z, t)."""
-        output = model(z, t, class_labels=labels).sample.float()
-        x0, _ = self.schedule.to_x0_eps(output, z, t, self.student_prediction)
+        x0, _ = self.schedule.to_x0_eps(self.network(model, z, t, condition), z, t, self.student_prediction)
         c_skip, c_out = (c.to(z.device, z.dtype).view(-1, *([1] * (z.ndim - 1)))
                          for c in boundary_scalings(t.cpu(), self.config.timestep_scaling))
         return c_skip * z + c_out * x0
 
-    def teacher_step(self, teacher: nn.Module, z: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
-                     labels: torch.Tensor | None) -> torch.Tensor:
+    def teacher_step(self, teacher: Any, z: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
+                     condition: Any) -> torch.Tensor:
         """One teacher ODE step from t to t_next < t: DDIM, or Heun in DDIM's (z / alpha, sigma / alpha) time."""
-        output = teacher(z, t, class_labels=labels).sample.float()
-        x0, eps = self.schedule.to_x0_eps(output, z, t)
+        x0, eps = self.teacher_x0_eps(teacher, z, t, condition)
         z_next = self.schedule.ddim_step(x0, eps, t_next)
         if self.config.solver == "ddim":
             return z_next
-        output_next = teacher(z_next, t_next, class_labels=labels).sample.float()
-        _, eps_next = self.schedule.to_x0_eps(output_next, z_next, t_next)
+        _, eps_next = self.teacher_x0_eps(teacher, z_next, t_next, condition)
         alpha, sigma = self.schedule.alpha_sigma(t, z)
         alpha_next, sigma_next = self.schedule.alpha_sigma(t_next, z)
         y = z / alpha + (sigma_next / alpha_next - sigma / alpha) * (eps + eps_next) / 2
         return alpha_next * y
 
-    def forward(self, student: nn.Module, teacher: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
-        x = batch["pixel_values"]
-        labels = batch.get("label") if self.class_conditional else None
+    def training_pair(self, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sample, a grid point t_{n+k} and the point t_n the teacher steps to (k = skip; t_n >= 0)."""
         ratio = self.schedule.num_train_timesteps // self.config.num_solver_steps
         n = rng.randint(batch, self.config.skip - 1, self.config.num_solver_steps, "step")
         t = self.grid.cpu()[n]
         t_target = (t - self.config.skip * ratio).clamp(min=0)
+        return t.to(device), t_target.to(device)
+
+    def forward(self, student: nn.Module, teacher: Any, batch: dict) -> dict[str, torch.Tensor]:
+        x, condition = self.inputs(teacher, batch)
+        t, t_target = self.training_pair(batch, x.device)
         z = self.schedule.add_noise(x, rng.randn(batch, x.shape[1:], "noise", x.device), t)
-        t, t_target = t.to(x.device), t_target.to(x.device)
-        prediction = self.consistency(student, z, t, labels)
+        prediction = self.consistency(student, z, t, condition)
         with torch.no_grad():
-            z_target = self.teacher_step(teacher, z, t, t_target, labels)
-            target = self.consistency(self.target, z_target, t_target, labels)
-        difference = prediction - target
-        if self.config.loss == "l2":
-            return {"cd_l2": (difference**2).mean()}
-        c = self.config.huber_c
-        return {"cd_huber": ((difference**2 + c**2).sqrt() - c).mean()}
+            z_target = self.teacher_step(teacher, z, t, t_target, condition)
+            target = self.consistency(self.target_network(student), z_target, t_target, condition)
+        return consistency_loss(prediction, target, self.config.loss, self.config.huber_c)
 
     @torch.no_grad()
     def after_step(self, student: nn.Module) -> None:
-        """target <- decay * target + (1 - decay) * student."""
+        """target <- decay * target + (1 - decay) * student (nothing without a separate target)."""
+        if self.target is None:
+            return
         decay = self.config.target_ema
         for target, online in zip(self.target.parameters(), student.parameters()):
             target.lerp_(online.detach(), 1.0 - decay)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -17,12 +17,14 @@ GRID_IMAGES = 64
 
 
 def evaluate_pipeline(pipeline: Any, steps: Sequence[int], config: EvalConfig, reference: str, *,
-                      num_reference: int | None = None, seed: int = 0, progress: bool = True
+                      num_reference: int | None = None, seed: int = 0, progress: bool = True,
+                      prompts: Sequence[str] | None = None, guidance_scale: float | None = None
                       ) -> tuple[list[dict[str, Any]], dict[int, torch.Tensor]]:
     """FD of ``pipeline`` at each step count against ``reference`` for every ``config.features``.
 
-    Images are sampled once per step count and shared by all feature spaces. Returns one row per (steps,
-    features) and the first ``GRID_IMAGES`` uint8 images per step count (for grids).
+    Images are sampled once per step count and shared by all feature spaces (a text-to-image pipeline from
+    ``prompts``, image i from prompt i, cycling). Returns one row per (steps, features) and the first
+    ``GRID_IMAGES`` uint8 images per step count (for grids).
     """
     from tqdm.auto import tqdm
 
@@ -39,7 +41,9 @@ def evaluate_pipeline(pipeline: Any, steps: Sequence[int], config: EvalConfig, r
                                            disable=not progress)):
             size = min(config.batch_size, config.num_samples - start)
             began = time.perf_counter()
-            images = sample_images(pipeline, size, count, seed=seed + index)
+            chunk = [prompts[(start + i) % len(prompts)] for i in range(size)] if prompts else None
+            images = sample_images(pipeline, size, count, seed=seed + index, prompts=chunk,
+                                   guidance_scale=guidance_scale)
             seconds += time.perf_counter() - began
             chunks.append(quantize_images(torch.from_numpy(images).permute(0, 3, 1, 2), (0.0, 1.0)))
         images = torch.cat(chunks)
@@ -60,12 +64,18 @@ def save_uint8_grid(images: torch.Tensor, path: str | Path) -> Path:
 
 class SampleGrids:
     """A ``fit`` callback: every ``every`` steps and at the end, a grid of the student's samples (with its EMA
-    weights when it has them, as they will be exported) at each of ``steps`` sampling steps."""
+    weights when it has them, as they will be exported) at each of ``steps`` sampling steps.
+
+    ``build(student, scheduler)`` makes the pipeline (default: ``student_pipeline``); a text-to-image one samples
+    ``prompts`` at ``guidance_scale``.
+    """
 
     def __init__(self, folder: Path, name: str, scheduler: Any, steps: Sequence[int], every: int,
-                 num: int = 16, seed: int = 0):
+                 num: int = 16, seed: int = 0, build: Callable[[Any, Any], Any] = student_pipeline,
+                 prompts: Sequence[str] | None = None, guidance_scale: float | None = None):
         self.folder, self.name, self.scheduler = Path(folder), name, scheduler
         self.steps, self.every, self.num, self.seed = list(steps), every, num, seed
+        self.build, self.prompts, self.guidance_scale = build, list(prompts) if prompts else None, guidance_scale
 
     def __call__(self, state: FitState) -> None:
         if state.step % self.every and state.step != state.total_steps:
@@ -79,9 +89,10 @@ class SampleGrids:
         model.eval()
         try:
             # A fresh scheduler each time: set_timesteps mutates it.
-            pipeline = student_pipeline(model, type(self.scheduler).from_config(self.scheduler.config))
+            pipeline = self.build(model, type(self.scheduler).from_config(self.scheduler.config))
             for count in self.steps:
-                images = sample_images(pipeline, self.num, count, seed=self.seed)
+                images = sample_images(pipeline, self.num, count, seed=self.seed, prompts=self.prompts,
+                                       guidance_scale=self.guidance_scale)
                 save_grid(images, self.folder / f"{self.name}-step{state.step:07d}-{count}steps.png")
         finally:
             model.train(training)

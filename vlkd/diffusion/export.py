@@ -10,6 +10,11 @@
   models pipeline is its unconditional / class-conditional counterpart and calls the scheduler generically.)
 - class-conditional progressive students also use ``ConsistencyModelPipeline`` (with the DDIM scheduler), the
   one diffusers pipeline that passes class labels to a UNet2DModel.
+- lcm (text-to-image): ``LatentConsistencyModelPipeline`` (SD 1.x/2.x) or ``StableDiffusionXLPipeline`` with the
+  teacher's VAE, text encoder(s) and tokenizer(s) and the same LCMScheduler; both feed the UNet its guidance-scale
+  embedding from ``guidance_scale``.
+- lcm-lora: the UNet adapters in diffusers' LoRA format plus ``scheduler/``, for ``pipe.load_lora_weights(folder)``
+  on the teacher's own pipeline.
 
 The betas are copied from the teacher's schedule and checked against it, so the exported scheduler sees the
 alpha_t the student was trained with.
@@ -82,6 +87,48 @@ def student_pipeline(unet: Any, scheduler: Any) -> Any:
     return pipeline
 
 
+def text_to_image_pipeline(teacher_pipeline: Any, unet: Any, scheduler: Any) -> Any:
+    """The teacher's VAE, text encoder(s) and tokenizer(s) with ``unet`` and ``scheduler``, as the diffusers pipeline
+    that samples it: SDXL's own pipeline (which feeds a UNet with ``time_cond_proj_dim`` its guidance embedding and
+    then skips classifier-free guidance); for SD 1.x/2.x, LatentConsistencyModelPipeline for a UNet with a guidance
+    embedding and the teacher's pipeline class otherwise (a LoRA student)."""
+    from diffusers import LatentConsistencyModelPipeline, StableDiffusionXLPipeline
+
+    parts = {name: getattr(teacher_pipeline, name) for name in ("vae", "text_encoder", "tokenizer")}
+    if isinstance(teacher_pipeline, StableDiffusionXLPipeline):
+        pipeline = StableDiffusionXLPipeline(
+            **parts, text_encoder_2=teacher_pipeline.text_encoder_2, tokenizer_2=teacher_pipeline.tokenizer_2,
+            unet=unet, scheduler=scheduler, add_watermarker=False,
+            force_zeros_for_empty_prompt=teacher_pipeline.config.force_zeros_for_empty_prompt)
+    else:
+        kind = LatentConsistencyModelPipeline if unet.config.time_cond_proj_dim else type(teacher_pipeline)
+        # The scheduler is set after construction: StableDiffusionPipeline's constructor warns about, and rewrites,
+        # the steps_offset of any scheduler but the teacher's, a setting LCMScheduler does not use.
+        pipeline = kind(**parts, unet=unet, scheduler=teacher_pipeline.scheduler, safety_checker=None,
+                        feature_extractor=None, requires_safety_checker=False)
+        pipeline.scheduler = scheduler
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+class LoraStudent:
+    """An LCM-LoRA student as ``save_student`` writes it: the UNet adapters in diffusers' LoRA format (what
+    ``pipe.load_lora_weights(folder)`` reads) and, under ``scheduler/``, the LCMScheduler it samples with."""
+
+    def __init__(self, unet: Any, pipeline_class: type, scheduler: Any):
+        self.unet, self.pipeline_class, self.scheduler = unet, pipeline_class, scheduler
+
+    def save_pretrained(self, folder: str | Path, safe_serialization: bool = True) -> None:
+        """Write ``pytorch_lora_weights.safetensors`` (with the LoRA config as metadata) and ``scheduler/``."""
+        from peft.utils import get_peft_model_state_dict
+
+        adapter = next(iter(self.unet.peft_config))
+        self.pipeline_class.save_lora_weights(
+            folder, unet_lora_layers=get_peft_model_state_dict(self.unet, adapter_name=adapter),
+            safe_serialization=True, unet_lora_adapter_metadata=self.unet.peft_config[adapter].to_dict())
+        self.scheduler.save_pretrained(Path(folder) / "scheduler")
+
+
 def save_student(pipeline: Any, folder: str | Path, info: dict[str, Any] | None = None) -> None:
     """Write the pipeline (safetensors) into ``folder``, and ``vlkd.json`` and a README model card when ``info``."""
     folder = Path(folder)
@@ -110,28 +157,37 @@ def model_card(info: dict[str, Any]) -> str:
     steps = info.get("steps")
     teacher = info.get("teacher", {})
     pipeline = info.get("pipeline", "DiffusionPipeline")
-    title = {"progressive": "Progressive-distillation", "consistency": "Consistency-distillation"}.get(method, method)
+    title = {"progressive": "Progressive-distillation", "consistency": "Consistency-distillation",
+             "lcm": "Latent-consistency-distillation", "lcm-lora": "LCM-LoRA"}.get(method, method)
+    what = (f"LoRA adapters for the UNet of `{info.get('base_model', '?')}` in diffusers' format, with the "
+            f"`{info.get('scheduler', '?')}` they sample with under `scheduler/`" if method == "lcm-lora" else
+            f"a plain diffusers `{pipeline}` with a `{info.get('scheduler', '?')}` set for this student")
     lines = [
         "---", "library_name: diffusers", "tags:", "- vlkd", f"- {method}-distillation", "- few-step", "---", "",
         f"# {title} student, {_plural(steps, 'step')}", "",
         f"Distilled with vlkd from the teacher `{teacher.get('path', '?')}` "
-        f"({teacher.get('scheduler', '?')}, {teacher.get('prediction_type', '?')}). The folder is a plain diffusers "
-        f"`{pipeline}` with a `{info.get('scheduler', '?')}` set for this student; vlkd is not needed to use it.", "",
-        "## Sample", "", "```python", "import torch", "from diffusers import DiffusionPipeline", "",
-        'pipe = DiffusionPipeline.from_pretrained("PATH/TO/THIS/FOLDER")',
-        f"images = pipe(batch_size=16, num_inference_steps={steps}, "
-        "generator=torch.Generator().manual_seed(0)).images",
-        'images[0].save("sample.png")', "```", "",
-        f"or, with vlkd installed: `vlkd sample PATH/TO/THIS/FOLDER --steps {steps} --num 64 --out grid.png`.", "",
+        f"({teacher.get('scheduler', '?')}, {teacher.get('prediction_type', '?')}). The folder is {what}; vlkd is "
+        "not needed to use it.", "",
+        "## Sample", "", "```python", *_sample_code(info), "```", "",
+        f"or, with vlkd installed: `vlkd sample PATH/TO/THIS/FOLDER --steps {steps} --num 64 --out grid.png"
+        + (' --prompt "a photo of a cat"`.' if method in ("lcm", "lcm-lora") else "`."), "",
     ]
     counts = info.get("step_counts") or [steps]
     if method == "progressive":
         lines += [f"The student was trained for exactly {_plural(steps, 'DDIM step')} on the trailing grid; sample "
                   "it with `num_inference_steps` equal to that count.", ""]
-    elif method == "consistency":
+    elif method in ("consistency", "lcm", "lcm-lora"):
         lines += [f"Multistep consistency sampling: any step count up to the training grid of "
                   f"{info.get('num_solver_steps', '?')} points works; it was evaluated at "
                   f"{', '.join(map(str, counts))} steps.", ""]
+    guidance = info.get("guidance")
+    if method == "lcm" and guidance:
+        lines += [f"Classifier-free guidance is distilled in: the student was trained for `guidance_scale` from "
+                  f"{guidance['w_min']:g} to {guidance['w_max']:g} (1 = none) and takes it as an input, so each "
+                  "step costs one UNet evaluation whatever the scale.", ""]
+    elif method == "lcm-lora" and guidance:
+        lines += [f"The teacher's classifier-free guidance (scales {guidance['w_min']:g} to {guidance['w_max']:g}) "
+                  "is baked into the adapters: sample with `guidance_scale=1` (no extra guidance).", ""]
     if info.get("class_conditional"):
         lines += ["The UNet is class-conditional: pass `class_labels=[...]` (one per image) to the pipeline.", ""]
     metrics = info.get("metrics") or []
@@ -148,6 +204,29 @@ def model_card(info: dict[str, Any]) -> str:
     if training:
         lines += ["## Training", ""] + [f"- {key}: {_flat(value)}" for key, value in training.items()] + [""]
     return "\n".join(lines)
+
+
+def _sample_code(info: dict[str, Any]) -> list[str]:
+    """The Python lines of the model card that load the student and sample it."""
+    steps, method = info.get("steps"), info.get("method")
+    generator = "generator=torch.Generator().manual_seed(0)"
+    if method not in ("lcm", "lcm-lora"):
+        return ["import torch", "from diffusers import DiffusionPipeline", "",
+                'pipe = DiffusionPipeline.from_pretrained("PATH/TO/THIS/FOLDER")',
+                f"images = pipe(batch_size=16, num_inference_steps={steps}, {generator}).images",
+                'images[0].save("sample.png")']
+    call = (f'images = pipe(["a photo of a cat"] * 4, num_inference_steps={steps}, '
+            f"guidance_scale={info.get('guidance_scale', 1.0)}, {generator}).images")
+    if method == "lcm":
+        return ["import torch", "from diffusers import DiffusionPipeline", "",
+                'pipe = DiffusionPipeline.from_pretrained("PATH/TO/THIS/FOLDER")', call, 'images[0].save("sample.png")']
+    return ["import torch", "from diffusers import DiffusionPipeline, LCMScheduler", "",
+            f'pipe = DiffusionPipeline.from_pretrained("{info.get("base_model", "BASE/MODEL")}")',
+            'pipe.load_lora_weights("PATH/TO/THIS/FOLDER")',
+            "# the training grid; the same scheduler is saved under scheduler/ in this folder",
+            f"pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps="
+            f"{info.get('num_solver_steps')}, timestep_scaling={info.get('timestep_scaling')}, clip_sample=False)",
+            call, 'images[0].save("sample.png")']
 
 
 def _plural(count: Any, noun: str) -> str:

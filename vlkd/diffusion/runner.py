@@ -19,7 +19,7 @@ from vlkd.diffusion.consistency import ConsistencyConfig, ConsistencyDistillatio
 from vlkd.diffusion.export import consistency_scheduler, progressive_scheduler, read_info, student_pipeline
 from vlkd.diffusion.progressive import ProgressiveConfig, ProgressiveDistillation, round_steps
 from vlkd.diffusion.teacher import Teacher, load_teacher
-from vlkd.errors import DataError, RecipeError
+from vlkd.errors import RecipeError
 from vlkd.files import check_output
 from vlkd.recipes import PipelineSpec, Recipe, recipe_to_dict
 
@@ -52,20 +52,18 @@ def student_prediction(teacher: Teacher, config: StudentConfig | None, method: s
     return kind
 
 
-def _dataset(recipe: Recipe, teacher: Teacher) -> tuple[Any, str, int | None]:
-    """The training data, the FD reference spec (the same data) and its sample count (None: all of it)."""
+def _dataset(recipe: Recipe, teacher: Any, image_size: int | None = None) -> tuple[Any, str, int | None]:
+    """The training data, the FD reference spec (the same data) and its sample count (None: all of it).
+
+    ``image_size`` is the size file datasets (csv, wds, ...) are read at; built-in ones name theirs in the spec.
+    """
     from vlkd.data import build_dataset
-    from vlkd.eval.sources import parse_dataset_spec
+    from vlkd.eval.sources import is_builtin_spec, parse_dataset_spec
 
     spec, split = parse_dataset_spec(recipe.data, "train")
-    dataset = build_dataset(spec, split, seed=recipe.train.seed)
-    sample = dataset[0]
-    shape = tuple(sample["pixel_values"].shape)
-    if shape != teacher.image_shape:
-        raise DataError(f"data {recipe.data} gives {'x'.join(map(str, shape))} images but the teacher's UNet "
-                        f"denoises {'x'.join(map(str, teacher.image_shape))}; use data of the teacher's size")
-    if teacher.num_classes and "label" not in sample:
-        raise DataError(f"the teacher is class-conditional but data {recipe.data} has no labels; use labelled data")
+    options = {"image_size": image_size} if image_size and not is_builtin_spec(spec) else {}
+    dataset = build_dataset(spec, split, seed=recipe.train.seed, **options)
+    teacher.check_sample(dataset[0], recipe.data)
     unlimited = bool(getattr(dataset, "unlimited", False))
     return dataset, f"{spec}@{split}", recipe.eval.num_samples if unlimited else None
 
@@ -88,7 +86,7 @@ def _versions() -> dict[str, str]:
     return {"vlkd": vlkd.__version__, "diffusers": diffusers.__version__, "torch": torch.__version__}
 
 
-def _base_info(recipe: Recipe, teacher: Teacher, method: str, steps: int, step_counts: list[int],
+def _base_info(recipe: Recipe, teacher: Any, method: str, steps: int, step_counts: list[int],
                prediction: str, pipeline: Any) -> dict[str, Any]:
     return {
         "format": "vlkd-diffusion-student/1", "method": method, "steps": steps, "step_counts": step_counts,
@@ -177,6 +175,22 @@ def _load_stage_unet(folder: Path) -> Any:
     return UNet2DModel.from_pretrained(folder / "unet").eval()
 
 
+def consistency_step_counts(recipe: Recipe, num_train_timesteps: int) -> tuple[list[int], list[int]]:
+    """(step counts the consistency student is meant for, those measured), or a RecipeError when the solver grid
+    or a step count does not fit the teacher."""
+    config: ConsistencyConfig = recipe.method
+    if config.num_solver_steps > num_train_timesteps:
+        raise RecipeError(f"method.num_solver_steps {config.num_solver_steps} exceeds the teacher's "
+                          f"{num_train_timesteps} training timesteps; use at most that many")
+    step_counts = sorted(set(config.student_steps or DEFAULT_CONSISTENCY_STEPS))  # what it is meant for
+    measured = sorted(set(recipe.eval.steps or step_counts)) if recipe.eval.enabled else []
+    too_many = [steps for steps in step_counts + measured if not 1 <= steps <= config.num_solver_steps]
+    if too_many:
+        raise RecipeError(f"{too_many[0]} sampling steps: a consistency student samples in 1 to num_solver_steps "
+                          f"({config.num_solver_steps}) steps")
+    return step_counts, measured
+
+
 def run_consistency(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False) -> Path:
     """Consistency-distil the teacher; return the output folder."""
     from vlkd.diffusion.evaluate import SampleGrids
@@ -188,16 +202,7 @@ def run_consistency(recipe: Recipe, out_dir: str | Path, *, resume: bool = False
     config: ConsistencyConfig = recipe.method
     teacher = load_teacher(recipe.teacher)
     prediction = student_prediction(teacher, recipe.student, "consistency")
-    total = teacher.schedule.num_train_timesteps
-    if config.num_solver_steps > total:
-        raise RecipeError(f"method.num_solver_steps {config.num_solver_steps} exceeds the teacher's {total} "
-                          "training timesteps; use at most that many")
-    step_counts = sorted(set(config.student_steps or DEFAULT_CONSISTENCY_STEPS))  # what it is meant for
-    measured = sorted(set(recipe.eval.steps or step_counts)) if recipe.eval.enabled else []
-    too_many = [steps for steps in step_counts + measured if not 1 <= steps <= config.num_solver_steps]
-    if too_many:
-        raise RecipeError(f"{too_many[0]} sampling steps: a consistency student samples in 1 to num_solver_steps "
-                          f"({config.num_solver_steps}) steps")
+    step_counts, measured = consistency_step_counts(recipe, teacher.schedule.num_train_timesteps)
     dataset, reference, num_reference = _dataset(recipe, teacher)
     _check_features(recipe)
     work = Workspace.open(out, recipe, resume=resume, overwrite=overwrite)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import inspect
 import math
+import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -40,23 +42,83 @@ def load_pipeline(folder: str | Path) -> Any:
 
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
+        from vlkd.diffusion.export import read_info
+
+        if _lora_info(folder, read_info) is not None:
+            return load_lora_student(folder)
         raise ModelLoadError(f"{folder} is not a diffusers pipeline folder (no model_index.json); pass an exported "
                              "student folder")
-    from diffusers.utils import logging as diffusers_logging
-
-    # A "Loading pipeline components" bar for a two-component folder is noise around vlkd's own output.
-    shown = diffusers_logging.is_progress_bar_enabled()
-    diffusers_logging.disable_progress_bar()
     try:
-        pipeline = DiffusionPipeline.from_pretrained(folder)
+        with loading_quietly():
+            pipeline = DiffusionPipeline.from_pretrained(folder)
     except (OSError, ValueError, KeyError, AttributeError) as exc:
         reason = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise ModelLoadError(f"cannot load the diffusers pipeline in {folder}: {reason}") from None
-    finally:
-        if shown:
-            diffusers_logging.enable_progress_bar()
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+@contextmanager
+def loading_quietly() -> Iterator[None]:
+    """No diffusers or transformers loading bars inside the block: for a few small components they are noise
+    around vlkd's own output (and would break its one-line errors)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    modules = [diffusers_logging]
+    if "transformers" in sys.modules:  # only pipelines with transformers parts import it
+        from transformers.utils import logging as transformers_logging
+
+        modules.append(transformers_logging)
+    shown = [module.is_progress_bar_enabled() for module in modules]
+    for module in modules:
+        module.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for module, was_shown in zip(modules, shown):
+            if was_shown:
+                module.enable_progress_bar()
+
+
+def _lora_info(folder: Path, read_info: Any) -> dict[str, Any] | None:
+    """The vlkd.json of an exported LCM-LoRA folder (adapters, no pipeline), else None."""
+    try:
+        info = read_info(folder)
+    except ValueError:
+        return None
+    return info if info.get("method") == "lcm-lora" and info.get("base_model") else None
+
+
+def load_lora_student(folder: str | Path) -> Any:
+    """An exported LCM-LoRA student as the model card loads it: its base pipeline (the teacher named in vlkd.json),
+    the adapters, and the LCMScheduler saved beside them."""
+    from diffusers import LCMScheduler
+
+    from vlkd.diffusion.export import read_info
+    from vlkd.diffusion.text_teacher import load_text_to_image_teacher
+
+    folder = Path(folder)
+    info = _lora_info(folder, read_info) or {}
+    pipeline = load_text_to_image_teacher(info.get("base_model", "")).pipeline
+    try:
+        pipeline.load_lora_weights(folder)
+        pipeline.scheduler = LCMScheduler.from_pretrained(folder, subfolder="scheduler")
+    except (OSError, ValueError, KeyError) as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ModelLoadError(f"cannot load the LoRA student in {folder}: {reason}") from None
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def default_guidance_scale(folder: str | Path) -> float | None:
+    """The guidance scale recorded in an exported text-to-image student's ``vlkd.json`` (None otherwise)."""
+    from vlkd.diffusion.export import read_info
+
+    try:
+        scale = read_info(folder).get("guidance_scale")
+    except ValueError:
+        return None
+    return float(scale) if isinstance(scale, (int, float)) else None
 
 
 def default_steps(folder: str | Path) -> int | None:
@@ -111,8 +173,10 @@ def run_sample_command(args: argparse.Namespace) -> int:
     steps = args.steps if args.steps is not None else default_steps(args.folder)
     if torch.cuda.is_available():
         pipeline.to("cuda")
-    images = sample_images(pipeline, args.num, steps, seed=args.seed, prompts=args.prompt,
-                           guidance_scale=args.guidance_scale)
+    guidance = args.guidance_scale
+    if guidance is None and args.prompt:
+        guidance = default_guidance_scale(args.folder)
+    images = sample_images(pipeline, args.num, steps, seed=args.seed, prompts=args.prompt, guidance_scale=guidance)
     save_grid(images, args.out)
     print(f"wrote {args.out}: {args.num} images, {steps if steps is not None else 'default'} steps, seed {args.seed}")
     return 0

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from vlkd.diffusion.schedule import PREDICTION_TYPES, NoiseSchedule
-from vlkd.errors import MODEL_LOAD_ERRORS, ModelLoadError, load_failure
+from vlkd.errors import MODEL_LOAD_ERRORS, DataError, ModelLoadError, load_failure
 
 # Schedulers whose config describes the discrete variance-preserving process z_t = alpha_t x + sigma_t eps by its
 # betas: a UNet trained under any of them is a DDPM-family model. Sigma- and flow-based ones (EDM, consistency
@@ -59,6 +59,15 @@ class Teacher:
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         return (self.unet.config.in_channels, height, width)
 
+    def check_sample(self, sample: dict[str, Any], data: str) -> None:
+        """A DataError unless ``sample`` (from the recipe's ``data``) is something this teacher can be distilled on."""
+        shape = tuple(sample["pixel_values"].shape)
+        if shape != self.image_shape:
+            raise DataError(f"data {data} gives {'x'.join(map(str, shape))} images but the teacher's UNet denoises "
+                            f"{'x'.join(map(str, self.image_shape))}; use data of the teacher's size")
+        if self.num_classes and "label" not in sample:
+            raise DataError(f"the teacher is class-conditional but data {data} has no labels; use labelled data")
+
     def describe(self) -> dict[str, Any]:
         """Plain facts about the teacher, for vlkd.json."""
         return {"path": self.source, "scheduler": self.scheduler_class, "prediction_type": self.prediction_type,
@@ -72,7 +81,7 @@ def load_teacher(source: str | Path) -> Teacher:
     folder = resolve_teacher_folder(source)
     where = f"teacher {source}"
     unet_folder, scheduler_file = _find_parts(folder, where)
-    scheduler_config = _read_json(scheduler_file, where)
+    scheduler_config = read_config(scheduler_file, where)
     check_scheduler(scheduler_config, where)
     unet = _load_unet(unet_folder, where)
     _check_unet(unet, where)
@@ -82,8 +91,9 @@ def load_teacher(source: str | Path) -> Teacher:
                    folder=folder)
 
 
-def resolve_teacher_folder(source: str | Path) -> Path:
-    """A local folder for ``source``: the path itself, a path under vlkd's ``assets/``, or a Hub download."""
+def resolve_teacher_folder(source: str | Path, hub_files: list[str] | None = None) -> Path:
+    """A local folder for ``source``: the path itself, a path under vlkd's ``assets/``, or a Hub download of
+    ``hub_files`` (patterns; default: what a UNet2DModel teacher needs)."""
     path = Path(source).expanduser()
     if path.is_dir():
         return path
@@ -96,16 +106,16 @@ def resolve_teacher_folder(source: str | Path) -> Path:
     if path.exists():
         raise ModelLoadError(f"teacher {source} is a file; pass a diffusers folder with unet/ and scheduler/")
     if _HUB_ID.match(str(source)):
-        return _download(str(source))
+        return _download(str(source), hub_files or _HUB_FILES)
     raise ModelLoadError(f"teacher {source}: no such folder; pass a diffusers pipeline folder with unet/ and "
                          "scheduler/ (e.g. assets/teachers/ddpm-digits)")
 
 
-def _download(repo_id: str) -> Path:
+def _download(repo_id: str, patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as exc:  # noqa: BLE001 - offline, unknown repo, gated repo: the same one-line problem
         reason = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise ModelLoadError(f"teacher {repo_id}: not a local folder and not downloadable from the Hugging Face "
@@ -116,7 +126,7 @@ def _find_parts(folder: Path, where: str) -> tuple[Path, Path]:
     """(UNet folder, scheduler config file) of a teacher folder in any of the accepted layouts."""
     index_file = folder / "model_index.json"
     if index_file.is_file():
-        index = _read_json(index_file, where)
+        index = read_config(index_file, where)
         for part in ("unet", "scheduler"):
             entry = index.get(part)
             if not (isinstance(entry, list) and len(entry) == 2 and entry[1]):
@@ -125,7 +135,7 @@ def _find_parts(folder: Path, where: str) -> tuple[Path, Path]:
                                      "needs a UNet and a scheduler")
     if (folder / "unet" / "config.json").is_file():
         unet_folder = folder / "unet"
-    elif _read_json_if(folder / "config.json", where).get("_class_name", "").startswith("UNet"):
+    elif _read_config_if(folder / "config.json", where).get("_class_name", "").startswith("UNet"):
         unet_folder = folder
     else:
         raise ModelLoadError(f"{where}: no UNet (expected unet/config.json or a UNet config.json in {folder})")
@@ -157,7 +167,7 @@ def check_scheduler(config: dict[str, Any], where: str) -> None:
 def _load_unet(folder: Path, where: str) -> Any:
     from diffusers import UNet2DModel
 
-    name = _read_json(folder / "config.json", where).get("_class_name", "")
+    name = read_config(folder / "config.json", where).get("_class_name", "")
     if name == "UNet2DConditionModel":
         raise ModelLoadError(f"{where}: its UNet2DConditionModel is text-conditioned; distil it with pipeline: lcm "
                              "(progressive and consistency take a UNet2DModel)")
@@ -181,7 +191,8 @@ def _check_unet(unet: Any, where: str) -> None:
                              "num_class_embeds (integer class labels) is supported")
 
 
-def _read_json(path: Path, where: str) -> dict[str, Any]:
+def read_config(path: Path, where: str) -> dict[str, Any]:
+    """A JSON object from a model folder, or a one-line ModelLoadError naming the file and what is wrong."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -193,5 +204,5 @@ def _read_json(path: Path, where: str) -> dict[str, Any]:
     return data
 
 
-def _read_json_if(path: Path, where: str) -> dict[str, Any]:
-    return _read_json(path, where) if path.is_file() else {}
+def _read_config_if(path: Path, where: str) -> dict[str, Any]:
+    return read_config(path, where) if path.is_file() else {}

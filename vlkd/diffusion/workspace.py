@@ -49,25 +49,34 @@ class Workspace:
         return (self.stage_dir(name) / "vlkd.json").is_file()
 
     def export_stage(self, name: str, pipeline: Any, info: dict[str, Any], *, eval_steps: Sequence[int],
-                     eval_config: EvalConfig, reference: str, num_reference: int | None, seed: int = 0) -> Path:
-        """Save the stage's student, measure it at ``eval_steps`` from the saved folder, and record the numbers."""
+                     eval_config: EvalConfig, reference: str, num_reference: int | None, seed: int = 0,
+                     prompts: Sequence[str] | None = None, guidance_scale: float | None = None) -> Path:
+        """Save the stage's student, measure it at ``eval_steps`` from the saved folder, and record the numbers.
+
+        A text-to-image student is measured on ``prompts`` at ``guidance_scale``.
+        """
         folder = self.stage_dir(name)
         if is_main_process():
-            self._export_stage(name, folder, pipeline, info, eval_steps, eval_config, reference, num_reference, seed)
+            self._export_stage(name, folder, pipeline, info, eval_steps, eval_config, reference, num_reference, seed,
+                               prompts, guidance_scale)
         wait_for_everyone()
         return folder
 
     def _export_stage(self, name: str, folder: Path, pipeline: Any, info: dict[str, Any], eval_steps: Sequence[int],
-                      eval_config: EvalConfig, reference: str, num_reference: int | None, seed: int) -> None:
+                      eval_config: EvalConfig, reference: str, num_reference: int | None, seed: int,
+                      prompts: Sequence[str] | None, guidance_scale: float | None) -> None:
         with staged_folder(folder, overwrite=True) as staging:
             save_student(pipeline, staging)
             rows: list[dict[str, Any]] = []
             if eval_steps:
-                # Measure what ships: the folder as diffusers loads it, not the object in memory.
+                # Measure what ships: the folder as diffusers loads it, not the object in memory (with its vlkd.json,
+                # which tells the loader how to assemble a LoRA student).
+                write_info(staging, info)
                 loaded = load_pipeline(staging)
                 loaded.to("cuda" if torch.cuda.is_available() else "cpu")
                 rows, firsts = evaluate_pipeline(loaded, eval_steps, eval_config, reference,
-                                                 num_reference=num_reference, seed=seed)
+                                                 num_reference=num_reference, seed=seed, prompts=prompts,
+                                                 guidance_scale=guidance_scale)
                 for count, images in firsts.items():
                     save_uint8_grid(images, self.samples / f"{name}-final-{count}steps.png")
             write_info(staging, {**info, "metrics": rows})

@@ -1,0 +1,349 @@
+"""Latent consistency distillation (LCM and LCM-LoRA) of tiny SD 1.x- and SDXL-style pipelines, built here from
+real configs with random weights: 32x32 images, 8x8 latents, a character-level CLIP tokenizer."""
+
+import json
+import re
+import shutil
+import string
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from vlkd.cli import main
+from vlkd.rng import sample_seed
+
+TINY = ["--set", "train.steps=2", "--set", "train.batch_size=2", "--set", "train.checkpoint_every=2",
+        "--set", "eval.enabled=false"]
+
+
+def tokenizer():
+    """A CLIP tokenizer whose vocabulary is the lowercase letters (each word is spelled out): no download."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        vocab.update({letter + suffix: len(vocab) for letter in string.ascii_lowercase})
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def text_encoder(width=32, projection=False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=54, hidden_size=width, intermediate_size=37, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                            pad_token_id=1, projection_dim=width)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def save_teacher(folder, sdxl=False, cross_attention_dim=None):
+    """A Stable Diffusion (or SDXL) pipeline folder: VAE 32 -> 8x8x4, a two-level UNet, SD's betas and scheduler."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
+                        up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[8, 16, 16], layers_per_block=1,
+                        latent_channels=4, norm_num_groups=8, sample_size=32)
+    extra = {"addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+             "projection_class_embeddings_input_dim": 6 * 8 + 32} if sdxl else {}
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=4,
+                                norm_num_groups=8, cross_attention_dim=cross_attention_dim or (64 if sdxl else 32),
+                                **extra)
+    betas = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1}
+    if sdxl:
+        pipeline = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder(), tokenizer=tokenizer(),
+                                             text_encoder_2=text_encoder(projection=True), tokenizer_2=tokenizer(),
+                                             unet=unet, scheduler=EulerDiscreteScheduler(**betas))
+    else:
+        pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder(), tokenizer=tokenizer(), unet=unet,
+                                           scheduler=PNDMScheduler(**betas, skip_prk_steps=True),
+                                           safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipeline.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sd_teacher(tmp_path_factory):
+    return save_teacher(tmp_path_factory.mktemp("teachers") / "sd")
+
+
+@pytest.fixture(scope="module")
+def sdxl_teacher(tmp_path_factory):
+    return save_teacher(tmp_path_factory.mktemp("teachers") / "sdxl", sdxl=True)
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+    """Reference statistics go to one cache per test module, not to the user's."""
+    monkeypatch.setenv("VLKD_CACHE", str(tmp_path_factory.getbasetemp() / "vlkd-cache"))
+
+
+def recipe(tmp_path, teacher, pipeline, data="shapes:32", **method):
+    method = {"num_solver_steps": 10, "w_min": 2.0, "w_max": 4.0, "student_steps": "[1, 2]", **method}
+    lines = [f"pipeline: {pipeline}", f"teacher: {teacher}", f"data: {data}", "method:"]
+    lines += [f"  {key}: {value}" for key, value in method.items()]
+    if pipeline == "lcm-lora":
+        lines += ["student:", "  rank: 4"]
+    else:
+        lines += ["student:", "  time_cond_proj_dim: 8"]
+    path = tmp_path / f"{pipeline}.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def shapes_batch(size=2):
+    from vlkd.data import build_dataset
+
+    dataset = build_dataset("shapes:32", "train")
+    samples = [dataset[i] for i in range(size)]
+    return {"pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+            "caption": [s["caption"] for s in samples],
+            "seed": torch.tensor([sample_seed(0, p) for p in range(size)])}
+
+
+def one_error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("vlkd: error:"), err
+    return err[0]
+
+
+def test_guidance_embedding_wiring(sd_teacher):
+    """The student sees w through timestep_cond as diffusers' LCM pipeline gives it; w = 1 needs no second pass."""
+    from diffusers import LatentConsistencyModelPipeline
+
+    from vlkd.diffusion.export import consistency_scheduler, text_to_image_pipeline
+    from vlkd.diffusion.lcm import (
+        FrozenTextToImageTeacher,
+        GuidedCondition,
+        LatentConsistencyConfig,
+        LatentConsistencyDistillation,
+        guidance_embedding,
+        lcm_student,
+    )
+    from vlkd.diffusion.text_teacher import load_text_to_image_teacher
+
+    teacher = load_text_to_image_teacher(sd_teacher)
+    student = lcm_student(teacher.unet, 8).eval()
+    config = LatentConsistencyConfig(num_solver_steps=10, w_min=2.0, w_max=4.0)
+    method = LatentConsistencyDistillation(teacher.schedule, student, config)
+    frozen = FrozenTextToImageTeacher(teacher)
+    batch = shapes_batch()
+    latents, condition = method.inputs(frozen, batch)
+    assert latents.shape == (2, 4, 8, 8) and condition.w_embedding.shape == (2, 8)
+    assert torch.equal(latents, method.inputs(frozen, batch)[0])  # the VAE draw is seeded per sample
+    assert ((2 <= condition.w) & (condition.w <= 4)).all()
+    z, t = torch.randn(2, 4, 8, 8), torch.tensor([999, 499])
+
+    def output(w, model=student):
+        w = torch.full((2,), float(w))
+        cond = GuidedCondition(condition.text, condition.empty_text, w, guidance_embedding(w, 8))
+        with torch.no_grad():
+            return method.network(model, z, t, cond), cond
+
+    # The guidance projection starts at zero: the student is the teacher, whatever w.
+    with torch.no_grad():
+        teacher_output = teacher.unet(z, t, encoder_hidden_states=condition.text).sample
+    torch.testing.assert_close(output(7)[0], teacher_output, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        student.time_embedding.cond_proj.weight.normal_(0, 1.0)
+    assert (output(2)[0] - output(6)[0]).abs().max() > 1e-3  # w changes what the student computes
+    assert torch.isfinite(output(1)[0]).all()  # w = 1 (no guidance) embeds 0
+
+    # pipe(guidance_scale=w) is the trained w: one LCM step from z at t = 999 is the consistency function there.
+    pipeline = text_to_image_pipeline(teacher.pipeline, student, consistency_scheduler(teacher.schedule, "epsilon",
+                                                                                      10, 10.0))
+    assert isinstance(pipeline, LatentConsistencyModelPipeline)
+    for w in (1.0, 5.0):
+        _, cond = output(w)
+        with torch.no_grad():
+            expected = method.consistency(student, z, torch.full((2,), 999), cond)
+            sampled = pipeline(prompt=batch["caption"], latents=z, num_inference_steps=1, guidance_scale=w,
+                               output_type="latent").images
+        torch.testing.assert_close(sampled, expected, atol=1e-5, rtol=1e-4)
+
+    # w = 1: the teacher's guided prediction is its conditional one (one pass), and the loss is finite.
+    calls = []
+    frozen.unet.register_forward_hook(lambda module, args, result: calls.append(args[0].shape[0]))
+    one = LatentConsistencyDistillation(teacher.schedule, student, LatentConsistencyConfig(num_solver_steps=10,
+                                                                                          w_min=1.0, w_max=1.0))
+    terms = one(student, frozen, batch)
+    assert calls == [2] and torch.isfinite(terms["cd_huber"]) and terms["cd_huber"].requires_grad
+    calls.clear()
+    method(student, frozen, batch)
+    assert calls == [4]  # guided: the empty prompt and the captions in one doubled batch
+
+
+def test_lora_weights_round_trip_through_load_lora_weights(sd_teacher, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from vlkd.diffusion.export import LoraStudent, consistency_scheduler
+    from vlkd.diffusion.lcm import LoRAStudentConfig, lora_student
+    from vlkd.diffusion.text_teacher import load_text_to_image_teacher
+
+    teacher = load_text_to_image_teacher(sd_teacher)
+    student = lora_student(teacher.unet, LoRAStudentConfig(rank=4, alpha=8))
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    assert trainable and all("lora" in n for n, p in student.named_parameters() if p.requires_grad)
+    with torch.no_grad():
+        for parameter in trainable:  # B starts at zero: make the adapters do something
+            parameter.normal_(0, 0.2)
+    LoraStudent(student, StableDiffusionPipeline, consistency_scheduler(teacher.schedule, "epsilon", 10, 10.0)
+                ).save_pretrained(tmp_path / "lora")
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+    fresh = StableDiffusionPipeline.from_pretrained(sd_teacher, safety_checker=None, requires_safety_checker=False)
+    fresh.load_lora_weights(tmp_path / "lora")
+    z, t, text = torch.randn(2, 4, 8, 8), torch.tensor([999, 19]), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        expected = student.eval()(z, t, encoder_hidden_states=text).sample
+        loaded = fresh.unet(z, t, encoder_hidden_states=text).sample
+        student.disable_adapters()
+        base = student(z, t, encoder_hidden_states=text).sample
+        student.enable_adapters()
+    assert (expected - base).abs().max() > 1e-3
+    torch.testing.assert_close(loaded, expected, atol=1e-6, rtol=0)
+
+
+def test_sd_lcm_distills_exports_and_samples_without_vlkd(tmp_path, sd_teacher, capsys):
+    out = tmp_path / "student"
+    assert main(["distill", recipe(tmp_path, sd_teacher, "lcm"), "--out", str(out), *TINY]) == 0
+    info = json.loads((out / "vlkd.json").read_text())
+    assert info["method"] == "lcm" and info["pipeline"] == "LatentConsistencyModelPipeline"
+    assert info["guidance"] == {"w_min": 2.0, "w_max": 4.0} and info["guidance_scale"] == 3.0
+    assert info["num_solver_steps"] == 10 and info["steps"] == 2 and info["teacher"]["sdxl"] is False
+    scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "LCMScheduler" and scheduler["original_inference_steps"] == 10
+    assert scheduler["timestep_scaling"] == 10.0 and scheduler["prediction_type"] == "epsilon"
+    assert json.loads((out / "unet" / "config.json").read_text())["time_cond_proj_dim"] == 8
+    assert "guidance_scale=3.0" in (out / "README.md").read_text()
+    assert len(list(out.glob("samples/student-step0000002-*steps.png"))) == 2
+    assert not (tmp_path / "student.run").exists()
+    history = [json.loads(line) for line in (out / "training" / "student-history.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in history] == [1, 2] and all(row["cd_huber"] > 0 for row in history)
+
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from diffusers import DiffusionPipeline
+        pipe = DiffusionPipeline.from_pretrained({str(out)!r})
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe(["a small red star", "a big blue circle"], num_inference_steps=4, guidance_scale=3.0,
+                      generator=torch.Generator().manual_seed(0), output_type="np").images
+        assert images.shape == (2, 32, 32, 3) and 0 <= images.min() and images.max() <= 1, images.shape
+        print(type(pipe).__name__, type(pipe.scheduler).__name__)
+        assert not any(m == "vlkd" or m.startswith("vlkd.") for m in sys.modules), "vlkd was imported"
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split("\n")[0] == "LatentConsistencyModelPipeline LCMScheduler"
+
+    capsys.readouterr()
+    grid = tmp_path / "grid.png"
+    assert main(["sample", str(out), "--prompt", "a red star", "--num", "2", "--out", str(grid)]) == 0
+    assert grid.is_file() and "2 steps" in capsys.readouterr().out
+    assert main(["sample", str(out), "--num", "2", "--out", str(tmp_path / "x.png")]) == 2
+    assert "--prompt" in one_error_line(capsys)
+
+
+def test_sdxl_lcm_lora_distills_and_loads_as_its_model_card_says(tmp_path, sdxl_teacher, capsys):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "student"
+    measured = ["--set", "eval.enabled=true", "--set", "eval.steps=[1]", "--set", "eval.num_samples=4",
+                "--set", "eval.batch_size=4", "--set", "eval.features=[digits-classifier]"]
+    assert main(["distill", recipe(tmp_path, sdxl_teacher, "lcm-lora"), "--out", str(out), *TINY, *measured]) == 0
+    info = json.loads((out / "vlkd.json").read_text())
+    assert info["method"] == "lcm-lora" and info["pipeline"] == "StableDiffusionXLPipeline"
+    assert info["base_model"] == str(sdxl_teacher) and info["lora"]["rank"] == 4 and info["guidance_scale"] == 1.0
+    assert info["teacher"]["sdxl"] is True
+    assert [(row["steps"], row["num_samples"]) for row in info["metrics"]] == [(1, 4)]  # measured as it loads
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and not (out / "unet").exists()
+    weights = load_file(out / "pytorch_lora_weights.safetensors")
+    assert any("lora_B" in key or "lora.up" in key for key in weights)
+    assert all(key.startswith("unet.") for key in weights)
+    assert max(value.abs().max() for key, value in weights.items() if "lora_B" in key or "lora.up" in key) > 0
+
+    # The model card's code, run as written (with the folder filled in), gives the exported student.
+    card = (out / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1).replace("PATH/TO/THIS/FOLDER", str(out))
+    assert "pipe.load_lora_weights" in code and "LCMScheduler.from_config" in code
+    code = code.replace('images[0].save("sample.png")', "")
+    namespace = {}
+    exec(code.replace("] * 4", "] * 1").replace("num_inference_steps=2", "num_inference_steps=1"), namespace)
+    pipe = namespace["pipe"]
+    assert type(pipe.scheduler).__name__ == "LCMScheduler" and pipe.scheduler.config.original_inference_steps == 10
+    saved = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    pipe.scheduler.set_timesteps(4)
+    from diffusers import LCMScheduler
+
+    exported = LCMScheduler.from_config(saved)
+    exported.set_timesteps(4)
+    assert pipe.scheduler.timesteps.tolist() == exported.timesteps.tolist()
+    torch.testing.assert_close(pipe.scheduler.alphas_cumprod, exported.alphas_cumprod)
+
+    capsys.readouterr()
+    assert main(["sample", str(out), "--prompt", "a red star", "--num", "2", "--steps", "1",
+                 "--out", str(tmp_path / "grid.png")]) == 0
+    assert (tmp_path / "grid.png").is_file()
+
+
+@pytest.mark.parametrize("style, pipeline", [("sdxl", "lcm"), ("sd", "lcm-lora")])
+def test_other_pairings_distill(tmp_path, request, style, pipeline):
+    teacher = request.getfixturevalue(f"{style}_teacher")
+    out = tmp_path / "student"
+    assert main(["distill", recipe(tmp_path, teacher, pipeline), "--out", str(out), *TINY]) == 0
+    info = json.loads((out / "vlkd.json").read_text())
+    expected = {("sdxl", "lcm"): "StableDiffusionXLPipeline", ("sd", "lcm-lora"): "StableDiffusionPipeline"}
+    assert info["pipeline"] == expected[(style, pipeline)]
+
+
+@pytest.mark.parametrize("case, words", [
+    ("no-text-encoder", "names no text_encoder"),
+    ("no-vae", "names no vae"),
+    ("cross-attention", "cross_attention_dim"),
+    ("guidance-below-1", "w_min"),
+    ("no-captions", "has no captions"),
+])
+def test_bad_inputs_are_one_line_exit_2(tmp_path, sd_teacher, capsys, case, words):
+    folder, method, data = tmp_path / "teacher", {}, "shapes:32"
+    if case in ("no-text-encoder", "no-vae"):
+        shutil.copytree(sd_teacher, folder)
+        index = json.loads((folder / "model_index.json").read_text())
+        del index["text_encoder" if case == "no-text-encoder" else "vae"]
+        (folder / "model_index.json").write_text(json.dumps(index))
+    elif case == "cross-attention":
+        save_teacher(folder, cross_attention_dim=48)
+    else:
+        folder = sd_teacher
+        method = {"w_min": 0.5} if case == "guidance-below-1" else {}
+        data = "digits:32" if case == "no-captions" else data
+    argv = ["distill", recipe(tmp_path, folder, "lcm", data=data, **method), "--out", str(tmp_path / "out"), *TINY]
+    capsys.readouterr()  # saving a teacher shows transformers' progress bars
+    assert main(argv) == 2
+    assert words in one_error_line(capsys)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.run").exists()
+
+
+@pytest.mark.parametrize("name, pipeline, teacher", [
+    ("lcm-sd15", "lcm", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+    ("lcm-lora-sdxl", "lcm-lora", "stabilityai/stable-diffusion-xl-base-1.0"),
+])
+def test_shipped_recipes_parse(name, pipeline, teacher):
+    from pathlib import Path
+
+    from vlkd.recipes import load_recipe
+
+    recipe_ = load_recipe(Path(__file__).resolve().parents[1] / "pipelines" / f"{name}.yaml")
+    assert recipe_.pipeline == pipeline and recipe_.teacher == teacher
+    assert 1 <= recipe_.method.w_min <= recipe_.method.w_max

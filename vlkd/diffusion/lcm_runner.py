@@ -1,0 +1,122 @@
+"""``vlkd distill`` for the latent consistency pipelines: ``lcm`` (a full student UNet with a guidance embedding)
+and ``lcm-lora`` (LoRA adapters on the teacher's UNet), from a Stable Diffusion or SDXL teacher.
+
+One ``fit`` of the latent consistency loss, then the student is exported (a diffusers pipeline folder, or the
+adapters in diffusers' LoRA format) and, if asked, measured on the data's captions, as ``run_consistency`` does.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from vlkd.diffusion.export import (
+    LoraStudent,
+    consistency_scheduler,
+    text_to_image_pipeline,
+)
+from vlkd.diffusion.lcm import (
+    FrozenTextToImageTeacher,
+    LatentConsistencyConfig,
+    LatentConsistencyDistillation,
+    LCMLoRAConfig,
+    LCMStudentConfig,
+    LoRAStudentConfig,
+    lcm_student,
+    lora_student,
+)
+from vlkd.diffusion.runner import (
+    _base_info,
+    _check_features,
+    _dataset,
+    _training,
+    consistency_step_counts,
+)
+from vlkd.files import check_output
+from vlkd.recipes import PipelineSpec, Recipe
+
+GRID_PROMPTS = 16  # captions sampled into the training grids
+
+
+def run_lcm(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Latent-consistency-distil a text-to-image teacher into a UNet with a guidance embedding; return the folder."""
+    return _run(recipe, out_dir, resume=resume, overwrite=overwrite, lora=False)
+
+
+def run_lcm_lora(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Latent-consistency-distil a text-to-image teacher into LoRA adapters on its UNet; return the folder."""
+    return _run(recipe, out_dir, resume=resume, overwrite=overwrite, lora=True)
+
+
+def _captions(dataset: Any, count: int) -> list[str]:
+    """The captions of the first ``count`` samples (or of all of them, cycling, when there are fewer)."""
+    size = min(count, len(dataset))
+    return [dataset[i % size]["caption"] for i in range(count)]
+
+
+def _run(recipe: Recipe, out_dir: str | Path, *, resume: bool, overwrite: bool, lora: bool) -> Path:
+    from vlkd.diffusion.evaluate import SampleGrids
+    from vlkd.diffusion.text_teacher import load_text_to_image_teacher
+    from vlkd.diffusion.workspace import Workspace
+    from vlkd.train import fit, list_checkpoints
+
+    started = time.time()
+    method_name = "lcm-lora" if lora else "lcm"
+    out = check_output(out_dir, overwrite)
+    config: LatentConsistencyConfig = recipe.method
+    teacher = load_text_to_image_teacher(recipe.teacher)
+    prediction = teacher.prediction_type  # LCMScheduler converts the student's output as the teacher's
+    step_counts, measured = consistency_step_counts(recipe, teacher.schedule.num_train_timesteps)
+    dataset, reference, num_reference = _dataset(recipe, teacher, config.image_size or teacher.image_size)
+    _check_features(recipe)
+    eval_prompts = _captions(dataset, recipe.eval.num_samples) if measured else None
+    work = Workspace.open(out, recipe, resume=resume, overwrite=overwrite)
+    scheduler = consistency_scheduler(teacher.schedule, prediction, config.num_solver_steps, config.timestep_scaling)
+    guidance = config.sample_guidance_scale
+
+    name = "student"
+    if not work.is_done(name):
+        if lora:
+            student = lora_student(teacher.unet, recipe.student)
+            frozen = FrozenTextToImageTeacher(teacher, lora_unet=student)
+        else:
+            student = lcm_student(teacher.unet, recipe.student.time_cond_proj_dim)
+            frozen = FrozenTextToImageTeacher(teacher)
+        method = LatentConsistencyDistillation(teacher.schedule, student, config, lora=lora)
+
+        def build(unet: Any, fresh_scheduler: Any) -> Any:
+            return text_to_image_pipeline(teacher.pipeline, unet, fresh_scheduler)
+
+        run_dir = work.train_dir(name)
+        resumed = bool(list_checkpoints(run_dir))
+        grids = SampleGrids(work.samples, name, scheduler, step_counts, every=recipe.train.checkpoint_every,
+                            build=build, prompts=_captions(dataset, GRID_PROMPTS), guidance_scale=guidance)
+        result = fit(method, student, dataset, recipe.train, run_dir, teacher=frozen, resume=resumed,
+                     callbacks=[grids], desc=f"{'LCM-LoRA' if lora else 'latent consistency'} distillation")
+        final = result.final_model().eval()
+        fresh = type(scheduler).from_config(scheduler.config)
+        student_export = (LoraStudent(final, type(teacher.pipeline), fresh) if lora else
+                          text_to_image_pipeline(teacher.pipeline, final, fresh))
+        # The default step count is the largest it was trained to serve: multistep sampling refines the result.
+        info = _base_info(recipe, teacher, method_name, max(step_counts), step_counts, prediction, student_export)
+        info.update(num_solver_steps=config.num_solver_steps, timestep_scaling=config.timestep_scaling,
+                    guidance_scale=guidance, guidance={"w_min": config.w_min, "w_max": config.w_max},
+                    training=_training(recipe.train, started, resumed))
+        if lora:
+            info.update(pipeline=type(teacher.pipeline).__name__, base_model=teacher.source,
+                        lora={"rank": recipe.student.rank, "alpha": recipe.student.alpha or recipe.student.rank,
+                              "target_modules": list(recipe.student.target_modules)})
+        else:
+            info["time_cond_proj_dim"] = recipe.student.time_cond_proj_dim
+        work.export_stage(name, student_export, info, eval_steps=measured, eval_config=recipe.eval,
+                          reference=reference, num_reference=num_reference, prompts=eval_prompts,
+                          guidance_scale=guidance)
+    extra = {"wall_minutes_this_process": round((time.time() - started) / 60, 2)}
+    return work.assemble(name, [], extra, overwrite)
+
+
+LCM = PipelineSpec("lcm", LatentConsistencyConfig, LCMStudentConfig, run_lcm)
+LCM_LORA = PipelineSpec("lcm-lora", LCMLoRAConfig, LoRAStudentConfig, run_lcm_lora)
+
+__all__ = ["LCM", "LCM_LORA", "run_lcm", "run_lcm_lora"]
