@@ -38,6 +38,9 @@ BENCHMARKS: dict[str, Benchmark] = {
     "eval": Benchmark("scripts/bench_eval.py", "benchmarks/eval.md",
                       ["--num", "32", "--batch-size", "16", "--repeats", "1", "--fd-dim", "256"]),
     "attention": Benchmark("scripts/bench_attention.py", "benchmarks/attention.md"),
+    "clip": Benchmark("scripts/bench_clip.py", "benchmarks/clip.md",
+                      ["--minutes", "0.1", "--num-test", "100", "--threads", "1", "--pool-size", "256", "--only",
+                       "teacher", "fd", "cache"]),
 }
 
 
