@@ -37,8 +37,9 @@ def machine() -> str:
             f"threads, torch {torch.__version__}")
 
 
-def evaluate_ddpm(folder: Path, num: int, reference: str) -> dict:
-    """The DDIM / DPM-Solver++ table of a DDPM teacher folder."""
+def evaluate_ddpm(folder: Path, num: int, reference: str, dpm_from: dict | None = None) -> dict:
+    """The DDIM / DPM-Solver++ table of a DDPM teacher folder; ``dpm_from``: an earlier metrics.json of the same
+    folder, sample count and reference whose DPM-Solver++ search and rows are kept instead of measured again."""
     from diffusers import DDPMPipeline
 
     from vlkd.eval.frontier import (DPM_SOLVER_CANDIDATES, best_dpm_solver, ddim_scheduler, dpm_solver_scheduler,
@@ -56,19 +57,32 @@ def evaluate_ddpm(folder: Path, num: int, reference: str) -> dict:
         rows += measure(ddim, [steps], config, reference, model="teacher", sampler="ddim")
         print(json.dumps(rows[-len(METRICS):]), flush=True)
     noise = measure(ddim, [NOISE_STEPS], config, reference, model="teacher", sampler="ddim", seed=1)
-    search_config = EvalConfig(num_samples=num, features=["digits-classifier"], batch_size=250)
-    best_name, search = best_dpm_solver(pipeline, search_config, reference)
+    if dpm_from is not None:
+        if (dpm_from["num_samples"], dpm_from["reference"]) != (num, f"{reference} (1,797 images)"):
+            raise SystemExit("--dpm-from: that metrics.json used another sample count or reference")
+        best_name, search = dpm_from["dpm_solver"]["best"], dpm_from["dpm_solver"]["search"]
+        rows += [row for row in dpm_from["rows"] if row["sampler"] == "dpm-solver++"]
+    else:
+        search_config = EvalConfig(num_samples=num, features=["digits-classifier"], batch_size=250)
+        best_name, search = best_dpm_solver(pipeline, search_config, reference)
+        solver = with_scheduler(pipeline, dpm_solver_scheduler(pipeline.scheduler.config,
+                                                               **DPM_SOLVER_CANDIDATES[best_name]))
+        rows += measure(solver, DPM_STEPS, config, reference, model="teacher", sampler="dpm-solver++")
     best = DPM_SOLVER_CANDIDATES[best_name]
-    solver = with_scheduler(pipeline, dpm_solver_scheduler(pipeline.scheduler.config, **best))
-    rows += measure(solver, DPM_STEPS, config, reference, model="teacher", sampler="dpm-solver++")
     seed0 = {r["features"]: r["fd"] for r in rows if r["sampler"] == "ddim" and r["steps"] == NOISE_STEPS}
     return {
         "reference": f"{reference} (1,797 images)", "num_samples": num, "seed": 0, "rows": rows,
         "run_to_run_noise": {"what": f"DDIM-{NOISE_STEPS} sampled with seeds 0 and 1",
                              **{r["features"]: abs(seed0[r["features"]] - r["fd"]) for r in noise}},
         "dpm_solver": {"best": best_name, "settings": {"algorithm_type": "dpmsolver++", "solver_order": 2, **best},
-                       "search": search, "search_metric": "digits-classifier FD at 4 steps"},
-        "ddim_settings": {"timestep_spacing": "trailing"},
+                       "search": search, "search_metric": "digits-classifier FD at 4 steps",
+                       "measured": dpm_from["dpm_solver"].get("measured", dpm_from["date"]) if dpm_from
+                       else datetime.date.today().isoformat()},
+        "ddim_settings": {"timestep_spacing": "trailing", "scheduler": "vlkd.eval.frontier.ddim_scheduler"},
+        # An earlier run with diffusers' own DDIMScheduler, kept to show why the grid matters (see the card).
+        "diffusers_ddim": ([r for r in dpm_from["rows"] if r["sampler"] == "ddim"]
+                           if dpm_from and "scheduler" not in dpm_from.get("ddim_settings", {})
+                           else dpm_from.get("diffusers_ddim") if dpm_from else None),
         "minutes": round((time.time() - started) / 60, 1), "machine": machine(),
         "date": datetime.date.today().isoformat(),
     }
@@ -102,7 +116,8 @@ images = pipe(batch_size=16, num_inference_steps=16, output_type="np").images  #
 
 {metrics['num_samples']:,} samples against {metrics['reference']}: Inception FID and the Fréchet distance in the
 digits classifier's 128-d feature space (`assets/classifiers/digits-classifier`), and sampling seconds per image
-at batch 250. DDIM uses trailing timestep spacing. DPM-Solver++ (2M) uses the best of
+at batch 250. DDIM uses trailing timestep spacing and steps from each grid point to the next
+(`vlkd.eval.frontier.ddim_scheduler`).{_diffusers_ddim_note(metrics)} DPM-Solver++ (2M) uses the best of
 {len(metrics['dpm_solver']['search'])} configurations at 4 steps: **{metrics['dpm_solver']['best']}**
 (`{json.dumps(metrics['dpm_solver']['settings'])}`).
 
@@ -115,6 +130,18 @@ at {best_steps} steps. Run-to-run noise ({noise['what']}): FID {noise['inception
 DPM-Solver++ search ({metrics['dpm_solver']['search_metric']}):
 {chr(10).join(f"- {name}: {value:.2f}" for name, value in metrics['dpm_solver']['search'].items())}
 """
+
+
+def _diffusers_ddim_note(metrics: dict) -> str:
+    """Why the DDIM rows use vlkd's grid stepping, from the earlier run with diffusers' DDIMScheduler, if kept."""
+    rows = {r["steps"]: r["fd"] for r in metrics.get("diffusers_ddim") or [] if r["features"] == "inception"}
+    if not {16, 64, 256} <= set(rows):
+        return ""
+    return (" diffusers' `DDIMScheduler` steps from t to t - 1000 // K instead, which is off the trailing grid when "
+            "K does not divide 1,000 (spacing 15.6 at 64 steps, 3.9 at 256): each step lands up to one timestep "
+            "short of where the next model call assumes it is. Measured with it on this teacher: FID "
+            f"{rows[16]:.2f} at 16 steps, {rows[64]:.2f} at 64, {rows[256]:.2f} at 256; students exported with "
+            "1, 2, 4 or 8 steps are unaffected (K divides 1,000).")
 
 
 def evaluate_clip(folder: Path) -> dict:
@@ -185,11 +212,14 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=1000, help="samples per DDPM row")
     parser.add_argument("--reference", default="digits:16@all")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dpm-from", type=Path, metavar="METRICS_JSON",
+                        help="keep the DPM-Solver++ search and rows of this earlier metrics.json (DDPM only)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     training = json.loads((args.folder / "training.json").read_text())
     if args.kind == "ddpm":
-        metrics = evaluate_ddpm(args.folder, args.num, args.reference)
+        dpm_from = json.loads(args.dpm_from.read_text()) if args.dpm_from else None
+        metrics = evaluate_ddpm(args.folder, args.num, args.reference, dpm_from)
         card = ddpm_card(args.folder, metrics, training)
     else:
         metrics = evaluate_clip(args.folder)

@@ -229,7 +229,8 @@ def test_pickle_clip_weights_are_refused_and_never_run(tmp_path, capsys):
 REPO = Path(__file__).resolve().parents[1]
 UNSAFE = {
     "torch.load without weights_only=True": re.compile(r"torch\.load\((?![^)]*weights_only=True)"),
-    "yaml.load (use yaml.safe_load)": re.compile(r"yaml\.(load|unsafe_load|full_load)\("),
+    "yaml.load without a safe loader": re.compile(r"yaml\.(unsafe_load|full_load)\(|yaml\.load\((?![^)]*Loader="
+                                                  r"(RecipeLoader|yaml\.SafeLoader)\))"),
     "pickle.load": re.compile(r"pickle\.loads?\("),
     "trust_remote_code=True": re.compile(r"trust_remote_code\s*=\s*True"),
     "eval/exec of text": re.compile(r"(?<![.\w])(eval|exec)\("),

@@ -56,3 +56,39 @@ def test_bad_frontier_arguments_are_one_line(folders, capsys, argv, words):
     assert main(["eval", "frontier", "--teacher", str(folders / "teacher"), "--reference", "digits:8@all", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0], err
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+def test_ddim_steps_to_the_next_point_of_its_grid(prediction):
+    """diffusers' DDIMScheduler steps to t - 1000 // K (off a trailing grid when K does not divide 1000); vlkd's
+    goes to the next grid point, and equals diffusers' where the two agree."""
+    import torch
+    from diffusers import DDIMScheduler
+
+    from vlkd.eval.frontier import ddim_scheduler
+
+    config = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": prediction,
+              "clip_sample": False, "timestep_spacing": "trailing"}
+    ours, stock = ddim_scheduler(config), DDIMScheduler.from_config(config)
+    sample, output = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    for steps in (4, 256):
+        ours.set_timesteps(steps)
+        stock.set_timesteps(steps)
+        assert torch.equal(ours.timesteps, stock.timesteps)
+        t, t_next = int(ours.timesteps[1]), int(ours.timesteps[2])
+        mine = ours.step(output, t, sample).prev_sample
+        alpha, alpha_next = ours.alphas_cumprod[t], ours.alphas_cumprod[t_next]
+        x0 = {"epsilon": (sample - (1 - alpha).sqrt() * output) / alpha.sqrt(), "sample": output,
+              "v_prediction": alpha.sqrt() * sample - (1 - alpha).sqrt() * output}[prediction]
+        eps = (sample - alpha.sqrt() * x0) / (1 - alpha).sqrt()
+        assert torch.allclose(mine, alpha_next.sqrt() * x0 + (1 - alpha_next).sqrt() * eps, atol=1e-5)
+        if steps == 4:  # 4 divides 1000: the same step as diffusers'
+            assert torch.allclose(mine, stock.step(output, t, sample).prev_sample, atol=1e-6)
+        else:  # t - 1000 // 256 = t - 3 is not the next grid point (t - 4 here): diffusers' step differs
+            assert t - t_next != 1000 // steps
+            assert not torch.allclose(mine, stock.step(output, t, sample).prev_sample, atol=1e-4)
+    # the last step lands on the clean sample
+    ours.set_timesteps(4)
+    last = int(ours.timesteps[-1])
+    assert torch.allclose(ours.step(output, last, sample).pred_original_sample,
+                          ours.step(output, last, sample).prev_sample, atol=1e-5)

@@ -156,3 +156,12 @@ def test_shipped_recipes_validate():
                 continue
             raise
         load_recipe(path)
+
+
+def test_yaml_1_1_words_stay_strings_and_loading_is_safe(tmp_path):
+    from vlkd.recipes import read_yaml
+
+    assert read_yaml("a: no\nb: off\nc: true\nd: False\ne: 0.5") == {"a": "no", "b": "off", "c": True, "d": False,
+                                                                      "e": 0.5}
+    with pytest.raises(Exception):  # a Python object tag is refused, as yaml.safe_load refuses it
+        read_yaml("a: !!python/object/apply:os.system ['echo hi']")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,27 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Union
 
 import yaml
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 booleans: only true/false are booleans.
+
+    Under PyYAML's YAML 1.1 rules ``mixed_precision: no`` (accelerate's own spelling) and ``--set
+    train.mixed_precision=no`` would read as False; here yes/no/on/off stay strings. Safety is SafeLoader's.
+    """
+
+
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                   list("tTfF"))
+
+
+def read_yaml(text: str) -> Any:
+    """Parse recipe YAML safely (no Python objects) with YAML 1.2 booleans."""
+    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - RecipeLoader is a SafeLoader
 
 from vlkd.errors import RecipeError
 
@@ -122,12 +144,12 @@ def get_pipeline(name: str, where: str = "recipe") -> PipelineSpec:
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read ``path`` with ``yaml.safe_load``, apply ``--set key.sub=value`` overrides, and validate every key."""
+    """Read ``path`` with a safe YAML loader (``read_yaml``), apply ``--set key.sub=value`` overrides, and validate every key."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe {path}: no such file; pass the path of a YAML recipe (see pipelines/)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = read_yaml(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
@@ -305,7 +327,7 @@ def _apply_override(raw: dict, item: str, source: str) -> None:
     if not all(parts):
         raise RecipeError(f"--set {item!r}: empty key segment in {key!r}")
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = read_yaml(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
     node = raw

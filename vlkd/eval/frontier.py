@@ -29,10 +29,50 @@ DPM_SOLVER_CANDIDATES: dict[str, dict[str, Any]] = {
 
 
 def ddim_scheduler(config: Any, **overrides: Any) -> Any:
-    """A DDIMScheduler from any DDPM-family config."""
-    from diffusers import DDIMScheduler
+    """Deterministic DDIM (eta = 0) from any DDPM-family config, stepping along its own timestep grid."""
+    return _grid_ddim_class().from_config(config, **overrides)
 
-    return DDIMScheduler.from_config(config, **overrides)
+
+def _grid_ddim_class() -> type:
+    """DDIMScheduler whose step goes to the next point of ``self.timesteps``.
+
+    diffusers' DDIMScheduler steps from t to t - T // K, the next grid point only when K divides T. On a trailing
+    grid with K = 64 or 256 of T = 1000 (spacing 15.6 or 3.9) each step lands up to a timestep short of where the
+    next model call assumes it is, and the error grows with K: the shipped digits teacher measured FID 170 at 256
+    steps this way against 8 at 16. Written here because no diffusers scheduler offers DDIM on an arbitrary grid
+    through the plain ``step`` that DDPMPipeline / DDIMPipeline call.
+    """
+    from diffusers import DDIMScheduler
+    from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+
+    class GridDDIMScheduler(DDIMScheduler):
+        def step(self, model_output: Any, timestep: Any, sample: Any, eta: float = 0.0, **kwargs: Any) -> Any:
+            if eta:
+                raise ValueError("GridDDIMScheduler is deterministic DDIM; eta must be 0")
+            later = self.timesteps[self.timesteps < int(timestep)]
+            alpha = self.alphas_cumprod[int(timestep)].to(sample.device)
+            alpha_next = (self.alphas_cumprod[int(later[0])] if len(later) else self.final_alpha_cumprod
+                          ).to(sample.device)
+            kind = self.config.prediction_type
+            if kind == "epsilon":
+                x0 = (sample - (1 - alpha).sqrt() * model_output) / alpha.sqrt()
+            elif kind == "sample":
+                x0 = model_output
+            elif kind == "v_prediction":
+                x0 = alpha.sqrt() * sample - (1 - alpha).sqrt() * model_output
+            else:
+                raise ValueError(f"prediction_type {kind!r} is not epsilon, sample or v_prediction")
+            if self.config.thresholding:
+                x0 = self._threshold_sample(x0)
+            elif self.config.clip_sample:
+                x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+            eps = (sample - alpha.sqrt() * x0) / (1 - alpha).sqrt()
+            previous = alpha_next.sqrt() * x0 + (1 - alpha_next).sqrt() * eps
+            if not kwargs.get("return_dict", True):
+                return (previous, x0)
+            return DDIMSchedulerOutput(prev_sample=previous, pred_original_sample=x0)
+
+    return GridDDIMScheduler
 
 
 def dpm_solver_scheduler(config: Any, **overrides: Any) -> Any:
