@@ -1,7 +1,7 @@
 """Runs that are killed and resumed end where an uninterrupted run ends; killed runs leave no output folder;
 several processes train what one process trains.
 
-A kill is a real SIGKILL of a forked child running `vlkd distill`, sent from inside it at a chosen moment (the
+A kill is a real SIGKILL of a child process running `vlkd distill`, sent from inside it at a chosen moment (the
 Nth call of a function: in the middle of an optimizer step, half-way through writing a checkpoint, while a stage
 or the output folder is being written), so the moments are exact and the test is repeatable.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 import io
 import json
-import multiprocessing
 import os
 import shutil
 import signal
@@ -71,22 +70,26 @@ def _install(kill: Kill) -> None:
     setattr(module, attribute, wrapper)
 
 
-def _child(argv: list[str], kill: Kill | None) -> None:
-    if kill is not None:
-        _install(kill)
+def child_main() -> None:
+    """Entry point of a killed run's process: ``python -c ... KILL_JSON ARGV...``."""
+    spec = json.loads(sys.argv[1])
+    if spec is not None:
+        _install(Kill(**spec))
     from vlkd.cli import main
 
-    sys.stdout.flush()
-    os._exit(main(argv))
+    raise SystemExit(main(sys.argv[2:]))
 
 
 def run_vlkd(argv: list[str], kill: Kill | None = None) -> int:
-    """`vlkd` in a forked child (imports are shared, so each run costs only its work); its exit code, or minus the
-    signal that ended it."""
-    process = multiprocessing.get_context("fork").Process(target=_child, args=(argv, kill))
-    process.start()
-    process.join(timeout=300)
-    return process.exitcode
+    """`vlkd` in a fresh process (a forked one can inherit a lock another thread held, and hang); its exit code,
+    or minus the signal that ended it."""
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_reliability; " \
+           "test_reliability.child_main()"
+    spec = json.dumps(None if kill is None else {"target": kill.target, "nth": kill.nth, "mode": kill.mode})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-c", code, spec, *argv], env=env, cwd=REPO, timeout=600,
+                          capture_output=True, text=True)
+    return done.returncode
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:

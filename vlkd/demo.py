@@ -36,12 +36,12 @@ BUDGETS: dict[str, dict[str, Any]] = {
         "steps": [4], "num_samples": 200,
     },
     "default": {
-        "progressive": ["method.teacher_steps=16", "method.student_steps=4", "train.steps=300",
-                        "train.batch_size=64", "train.warmup_steps=30", "train.checkpoint_every=150"],
-        "consistency": ["train.steps=500", "train.batch_size=64", "train.warmup_steps=50",
-                        "train.checkpoint_every=250"],
-        "clip": ["train.steps=600", "train.batch_size=256", "train.warmup_steps=50", "method.pool_size=16384",
-                 "train.checkpoint_every=300"],
+        "progressive": ["method.teacher_steps=16", "method.student_steps=4", "train.steps=200",
+                        "train.batch_size=64", "train.warmup_steps=20", "train.checkpoint_every=100"],
+        "consistency": ["train.steps=300", "train.batch_size=64", "train.warmup_steps=30",
+                        "train.checkpoint_every=150"],
+        "clip": ["train.steps=400", "train.batch_size=256", "train.warmup_steps=40", "method.pool_size=8192",
+                 "train.checkpoint_every=200"],
         "steps": [1, 2, 4], "num_samples": 500,
     },
 }
