@@ -86,3 +86,21 @@ def test_clip_metrics_are_complete():
         assert result["num_images"] == 2000 and 0 < result["top1"] <= 1
     assert metrics["zero_shot"]["shape_color"]["num_classes"] >= 48
     assert metrics["parameters"]["image_tower"] > 0 and metrics["image_encoding"]["ms_per_batch"] > 0
+
+
+def test_ddpm_metrics_table_is_complete_and_meets_the_bar():
+    metrics = json.loads((DDPM / "metrics.json").read_text())
+    points = {(r["sampler"], r["steps"], r["features"]) for r in metrics["rows"]}
+    for features in ("inception", "digits-classifier"):
+        assert {("ddim", s, features) for s in (1, 2, 4, 8, 16, 64, 256)} <= points
+        assert {("dpm-solver++", s, features) for s in (1, 2, 4, 8)} <= points
+    assert all(r["num_samples"] == 1000 and r["seconds_per_image"] > 0 for r in metrics["rows"])
+    assert metrics["dpm_solver"]["best"] in metrics["dpm_solver"]["search"]
+    fid = {r["steps"]: r["fd"] for r in metrics["rows"] if r["sampler"] == "ddim" and r["features"] == "inception"}
+    assert min(fid[16], fid[64], fid[256]) <= 12
+    # A converged sampler gets better or stays level with more steps: no rise beyond the measured noise
+    # (at least half an FID point: two seeds at one step count are a small sample of that noise).
+    slack = max(0.5, 3 * metrics["run_to_run_noise"]["inception"])
+    assert fid[64] <= fid[16] + slack and fid[256] <= fid[64] + slack, fid
+    card = (DDPM / "README.md").read_text()
+    assert "## Measured" in card and "DDIMPipeline.from_pretrained" in card
