@@ -54,6 +54,7 @@ def open_run_folder(out: str | Path, recipe: Recipe, *, resume: bool, overwrite:
     elif path.exists() and not overwrite:
         raise CheckpointError(f"{path} holds an unfinished run; pass --resume to continue it or --overwrite "
                               "to start over")
+    wait_for_everyone()  # every process has checked the folder as it was before the main one changes it
     if is_main_process():
         if not resume and path.exists():
             shutil.rmtree(path)
