@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from clip_fixtures import make_tiny_teacher
+from test_clip_runner import TINY
 from safetensors.torch import load_file
 from test_diffusion_runner import save_teacher
 
@@ -172,22 +173,10 @@ def test_consistency_killed_five_times_ends_as_an_uninterrupted_run(tmp_path, dd
     assert_same_weights(tmp_path / "whole", killed)
 
 
-CLIP_RECIPE = """
-pipeline: clip-distill
-teacher: local-dir:{teacher}
-data: shapes:32
-student:
-  embed_dim: 16
-  vision_cfg: {{image_size: 32, patch_size: 8, width: 32, layers: 1, head_width: 16, mlp_ratio: 2.0}}
-  text_cfg: {{width: 32, heads: 2, layers: 1, mlp_ratio: 2.0}}
-method:
-  losses: {{fd: 100, icl: 1, affinity_kl: {{weight: 1, temperature: 2}}}}
-  pool_size: 32
-  reduce_captions: true
-  cache_dir: {cache}
-train: {{steps: {steps}, batch_size: 16, lr: 1e-3, checkpoint_every: 2}}
-eval: {{enabled: false}}
-"""
+# The CLIP runner tests' tiny recipe, checkpointed every 2 steps and with a variable length, no evaluation.
+CLIP_RECIPE = TINY.replace("train: {{steps: 3, batch_size: 16, lr: 1e-3}}",
+                           "train: {{steps: {steps}, batch_size: 16, lr: 1e-3, checkpoint_every: 2}}"
+                           ).replace("eval: {{num_samples: 40, batch_size: 40}}", "eval: {{enabled: false}}")
 
 
 def clip_recipe(tmp_path: Path, teacher: Path, steps: int = 8) -> str:
