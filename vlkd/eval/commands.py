@@ -1,4 +1,4 @@
-"""``vlkd eval fid | kid | zeroshot | frontier``: arguments, a short markdown table on stdout, and JSON with ``--out``.
+"""``vlkd eval fid | kid | zeroshot | fidelity | frontier``: arguments, a short markdown table on stdout, and JSON with ``--out``.
 
 Imports of torch and the metrics happen inside the commands, so building the parser stays fast.
 """
@@ -30,7 +30,7 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_eval_commands(subparsers: Any) -> None:
-    """Add ``fid``, ``kid``, ``zeroshot`` and ``frontier`` to an argparse subparsers object; each sets ``func(args) -> int``."""
+    """Add ``fid``, ``kid``, ``zeroshot``, ``fidelity`` and ``frontier`` to an argparse subparsers object; each sets ``func(args) -> int``."""
     fid = subparsers.add_parser("fid", help="Frechet distance between two image sources")
     _add_source_arguments(fid)
     fid.set_defaults(func=run_fid)
@@ -53,6 +53,21 @@ def add_eval_commands(subparsers: Any) -> None:
     zeroshot.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     zeroshot.add_argument("--out", metavar="JSON", help="also write the result as JSON")
     zeroshot.set_defaults(func=run_zeroshot)
+
+    fidelity = subparsers.add_parser("fidelity", help="prompt fidelity of a text-to-image model on shapes captions, "
+                                                      "judged zero-shot by a CLIP model")
+    fidelity.add_argument("--samples", required=True, metavar="SRC",
+                          help="a text-to-image pipeline folder or exported LCM-LoRA folder (sampled with the first N "
+                               "shapes test captions), or shapes:32@test for the real images' score")
+    fidelity.add_argument("--num", type=int, default=1000, metavar="N", help="captions, one image each (default: 1000)")
+    fidelity.add_argument("--steps", type=int, metavar="K", help="sampling steps (default: the pipeline's own)")
+    fidelity.add_argument("--guidance-scale", type=float, metavar="W", help="classifier-free guidance scale")
+    fidelity.add_argument("--judge", metavar="SPEC", help="CLIP judge (default: the shipped shapes CLIP teacher)")
+    fidelity.add_argument("--seed", type=int, default=0)
+    fidelity.add_argument("--batch-size", type=int, default=250, metavar="B")
+    fidelity.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    fidelity.add_argument("--out", metavar="JSON", help="also write the result as JSON")
+    fidelity.set_defaults(func=run_fidelity)
 
     frontier = subparsers.add_parser("frontier", help="FID against sampling steps: a teacher (DDIM, DPM-Solver++) and "
                                                       "its distilled students, as a table and a plot")
@@ -152,6 +167,32 @@ def run_zeroshot(args: argparse.Namespace) -> int:
     result = zero_shot(clip, args.dataset, templates=templates, batch_size=args.batch_size, num=args.num,
                        attention_backend=None)  # load_clip already installed the attention kernels
     return _report({"metric": "zeroshot", "model": args.model, "dataset": args.dataset, **result}, args.out)
+
+
+def run_fidelity(args: argparse.Namespace) -> int:
+    """``vlkd eval fidelity``."""
+    from pathlib import Path
+
+    from vlkd.errors import EvalError
+    from vlkd.eval.fidelity import prompt_fidelity, shapes_prompts
+    from vlkd.eval.sources import PipelineSource, open_source
+    from vlkd.eval.zeroshot import load_clip
+
+    prompts = shapes_prompts(args.num)
+    if Path(args.samples).is_dir():
+        from vlkd.diffusion.sample import load_pipeline
+
+        images = PipelineSource(load_pipeline(args.samples), args.num, steps=args.steps, seed=args.seed,
+                                prompts=prompts.captions, guidance_scale=args.guidance_scale, device=args.device)
+    elif args.samples.startswith("shapes:") and args.steps is None and args.guidance_scale is None:
+        images = open_source(args.samples, num=args.num)  # the test images themselves, in caption order
+    else:
+        raise EvalError(f"--samples {args.samples}: pass a text-to-image pipeline folder, or shapes:32@test "
+                        "(without --steps / --guidance-scale)")
+    judge = load_clip(args.judge, device=args.device) if args.judge else None
+    result = prompt_fidelity(images, prompts, judge, batch_size=args.batch_size, progress=True)
+    return _report({"metric": "prompt_fidelity", "samples": args.samples, "steps": args.steps,
+                    "guidance_scale": args.guidance_scale, **result}, args.out)
 
 
 def _counts(text: str, option: str) -> list[int]:
