@@ -8,6 +8,7 @@ import string
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -306,6 +307,36 @@ def test_other_pairings_distill(tmp_path, request, style, pipeline):
     info = json.loads((out / "vlkd.json").read_text())
     expected = {("sdxl", "lcm"): "StableDiffusionXLPipeline", ("sd", "lcm-lora"): "StableDiffusionPipeline"}
     assert info["pipeline"] == expected[(style, pipeline)]
+
+
+def test_the_encoder_cache_trains_as_the_encoders_do_and_is_read_back(tmp_path, sdxl_teacher, monkeypatch):
+    """Cached VAE posteriors and text states (pooled ones too, SDXL) give the uncached run's losses; a later run
+    reads them back and never runs the VAE encoder."""
+    from diffusers import AutoencoderKL
+
+    def history(out):
+        lines = (out / "training" / "student-history.jsonl").read_text().splitlines()
+        return [json.loads(line)["cd_huber"] for line in lines]
+
+    pool = {"pool_size": 4, "cache_dir": str(tmp_path / "cache")}
+    live = tmp_path / "live"
+    assert main(["distill", recipe(tmp_path, sdxl_teacher, "lcm", **pool), "--out", str(live), *TINY]) == 0
+    cached = tmp_path / "cached"
+    assert main(["distill", recipe(tmp_path, sdxl_teacher, "lcm", cache="true", **pool), "--out", str(cached),
+                 *TINY]) == 0
+    assert history(cached) == pytest.approx(history(live), rel=1e-5, abs=1e-7)
+    info = json.loads((cached / "vlkd.json").read_text())["cache"]
+    assert info["rows"] == 4 and (tmp_path / "cache" / Path(info["folder"]).name / "meta.json").is_file()
+    assert json.loads((live / "vlkd.json").read_text())["cache"] is None
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("the VAE encoder ran although its outputs are cached")
+
+    monkeypatch.setattr(AutoencoderKL, "encode", no_encoding)
+    again = tmp_path / "again"
+    assert main(["distill", recipe(tmp_path, sdxl_teacher, "lcm", cache="true", **pool), "--out", str(again),
+                 *TINY]) == 0
+    assert history(again) == history(cached)
 
 
 @pytest.mark.parametrize("case, words", [

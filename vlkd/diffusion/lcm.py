@@ -37,6 +37,12 @@ class LatentConsistencyConfig(ConsistencyConfig):
     w_max: float = 16.0
     guidance_scale: float | None = None  # what sampling defaults to (vlkd.json, model card); None: mid-range
     image_size: int | None = None  # the side file datasets (csv, wds) are read at; None: the teacher's
+    # Training pool: the first pool_size samples (needed for unlimited data such as shapes' train split); None: all.
+    pool_size: int | None = None
+    # VAE posteriors and text-encoder states of the pool computed once into safetensors shards (vlkd.cache) and
+    # read by sample index, so neither the VAE encoder nor the text encoder runs during training.
+    cache: bool = False
+    cache_dir: str = "runs/cache/lcm-teacher"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -47,6 +53,8 @@ class LatentConsistencyConfig(ConsistencyConfig):
             raise RecipeError(f"method.w_max {self.w_max} is below w_min {self.w_min}; give a range w_min <= w_max")
         if self.guidance_scale is not None and self.guidance_scale < 1:
             raise RecipeError(f"method.guidance_scale is {self.guidance_scale}; use 1 (no guidance) or more")
+        if self.pool_size is not None and self.pool_size < 1:
+            raise RecipeError(f"method.pool_size must be at least 1, got {self.pool_size}")
 
     @property
     def sample_guidance_scale(self) -> float:
@@ -186,11 +194,29 @@ class FrozenTextToImageTeacher(nn.Module):
         self._empty: dict[str, Any] = {}
 
     @torch.no_grad()
+    def posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and standard deviation of the VAE posterior of images in [-1, 1] (float32)."""
+        posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        return posterior.mean.float(), posterior.std.float()
+
+    def sample_latents(self, mean: torch.Tensor, std: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Scaled latents drawn from posteriors with each sample's own seed."""
+        noise = rng.randn(batch, mean.shape[1:], "latent", mean.device).to(mean.dtype)
+        return (mean + std * noise) * self.vae.config.scaling_factor
+
     def latents(self, pixels: torch.Tensor, batch: dict) -> torch.Tensor:
         """VAE latents of images in [-1, 1], each drawn from its posterior with the sample's own seed."""
-        posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
-        noise = rng.randn(batch, posterior.mean.shape[1:], "latent", pixels.device).to(posterior.mean.dtype)
-        return ((posterior.mean + posterior.std * noise) * self.vae.config.scaling_factor).float()
+        return self.sample_latents(*self.posterior(pixels), batch)
+
+    @torch.no_grad()
+    def cache_rows(self, batch: dict, device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """What ``vlkd.cache`` keeps per sample: the VAE posterior and the caption's text-encoder states."""
+        mean, std = self.posterior(batch["pixel_values"].to(device))
+        text, _, pooled, _ = self.text(batch["caption"], device)
+        rows = {"latent_mean": mean, "latent_std": std, "text": text}
+        if pooled is not None:
+            rows["pooled"] = pooled
+        return rows, {}
 
     @torch.no_grad()
     def text(self, captions: list[str], device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -198,6 +224,13 @@ class FrozenTextToImageTeacher(nn.Module):
         the pooled ones are None for SD 1.x/2.x."""
         encoded = self.pipeline.encode_prompt(prompt=list(captions), device=device, num_images_per_prompt=1,
                                               do_classifier_free_guidance=False)
+        pooled = encoded[2] if len(encoded) == 4 else None
+        empty_text, empty_pooled = self.empty_text(len(captions), device)
+        return encoded[0].float(), empty_text, None if pooled is None else pooled.float(), empty_pooled
+
+    @torch.no_grad()
+    def empty_text(self, count: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The empty prompt's embeddings (and pooled embeddings for SDXL), repeated ``count`` times."""
         key = str(device)
         if key not in self._empty:
             # The unconditional branch is what the pipeline uses without a negative prompt: encode("") for SD, zeros
@@ -206,10 +239,7 @@ class FrozenTextToImageTeacher(nn.Module):
                                                 do_classifier_free_guidance=True)
             self._empty = {key: (empty[1], empty[3] if len(empty) == 4 else None)}
         empty_text, empty_pooled = self._empty[key]
-        count = len(captions)
-        pooled = encoded[2] if len(encoded) == 4 else None
-        return (encoded[0].float(), empty_text.float().expand(count, -1, -1),
-                None if pooled is None else pooled.float(),
+        return (empty_text.float().expand(count, -1, -1),
                 None if empty_pooled is None else empty_pooled.float().expand(count, -1))
 
     def run_unet(self, z: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -227,14 +257,21 @@ class LatentConsistencyDistillation(ConsistencyDistillation):
     """LCM: consistency distillation with VAE latents, text conditioning and distilled classifier-free guidance."""
 
     def __init__(self, schedule: NoiseSchedule, student: nn.Module, config: LatentConsistencyConfig,
-                 lora: bool = False):
+                 lora: bool = False, cache: Any = None):
         super().__init__(schedule, student, config, separate_target=not lora)
         self.time_cond_proj_dim = None if lora else student.config.time_cond_proj_dim
+        self.cache = cache  # a vlkd.cache.PoolCache of FrozenTextToImageTeacher.cache_rows, read by batch["index"]
 
     def inputs(self, teacher: FrozenTextToImageTeacher, batch: dict) -> tuple[torch.Tensor, GuidedCondition]:
         pixels = batch["pixel_values"]
-        latents = teacher.latents(pixels, batch)
-        text, empty_text, pooled, empty_pooled = teacher.text(batch["caption"], pixels.device)
+        if self.cache is None:
+            latents = teacher.latents(pixels, batch)
+            text, empty_text, pooled, empty_pooled = teacher.text(batch["caption"], pixels.device)
+        else:
+            rows = self.cache.lookup(torch.as_tensor(batch["index"], device=pixels.device))
+            latents = teacher.sample_latents(rows["latent_mean"], rows["latent_std"], batch)
+            text, pooled = rows["text"], rows.get("pooled")
+            empty_text, empty_pooled = teacher.empty_text(len(pixels), pixels.device)
         config: LatentConsistencyConfig = self.config
         w = config.w_min + (config.w_max - config.w_min) * rng.rand(batch, (), "guidance", pixels.device)
         w_embedding = None if self.time_cond_proj_dim is None else guidance_embedding(w, self.time_cond_proj_dim)

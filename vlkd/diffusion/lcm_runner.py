@@ -7,6 +7,7 @@ adapters in diffusers' LoRA format) and, if asked, measured on the data's captio
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,48 @@ def _captions(dataset: Any, count: int) -> list[str]:
     return [dataset[i % size]["caption"] for i in range(count)]
 
 
+def _teacher_identity(teacher: Any) -> str:
+    """A hash of the files the cached rows depend on: the VAE, text encoder(s) and tokenizer(s) of the teacher."""
+    digest = hashlib.sha256()
+    for part in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        folder = teacher.folder / part
+        for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
+            if path.is_file():
+                digest.update(str(path.relative_to(teacher.folder)).encode())
+                with path.open("rb") as handle:
+                    for chunk in iter(lambda: handle.read(1 << 24), b""):
+                        digest.update(chunk)
+    return digest.hexdigest()[:20]
+
+
+def _encoder_cache(recipe: Recipe, teacher: Any, frozen: FrozenTextToImageTeacher, pool: Any) -> tuple[Any, dict]:
+    """The pool's VAE posteriors and text-encoder states (vlkd.cache): filled by the main process, read by all."""
+    import torch
+
+    from vlkd.cache import cache_key, pool_cache
+    from vlkd.distributed import is_main_process, wait_for_everyone
+    from vlkd.train import default_collate
+
+    config: LatentConsistencyConfig = recipe.method
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    key_parts = {"teacher": _teacher_identity(teacher), "data": recipe.data, "seed": recipe.train.seed,
+                 "image_size": config.image_size, "pool_size": len(pool)}
+    frozen.to(device)
+    started = time.perf_counter()
+
+    def fill() -> Any:
+        return pool_cache(config.cache_dir, key_parts, lambda batch: frozen.cache_rows(batch, device), pool,
+                          default_collate, batch_size=recipe.train.batch_size)
+
+    cache = fill() if is_main_process() else None
+    wait_for_everyone()
+    cache = cache or fill()  # the other processes read what the main one wrote
+    return cache, {"folder": str(Path(config.cache_dir) / cache_key(key_parts)), "rows": len(cache),
+                   "seconds": round(time.perf_counter() - started, 2)}
+
+
 def _run(recipe: Recipe, out_dir: str | Path, *, resume: bool, overwrite: bool, lora: bool) -> Path:
+    from vlkd.clip.data import CaptionPool  # a fixed pool of captioned samples, each with its index
     from vlkd.diffusion.evaluate import SampleGrids
     from vlkd.diffusion.text_teacher import load_text_to_image_teacher
     from vlkd.diffusion.workspace import Workspace
@@ -71,6 +113,9 @@ def _run(recipe: Recipe, out_dir: str | Path, *, resume: bool, overwrite: bool, 
     dataset, reference, num_reference = _dataset(recipe, teacher, config.image_size or teacher.image_size)
     _check_features(recipe)
     eval_prompts = _captions(dataset, recipe.eval.num_samples) if measured else None
+    if config.pool_size is not None or config.cache:
+        dataset = CaptionPool(dataset, config.pool_size)
+        dataset[0]  # data without captions fails here, before any model is built
     work = Workspace.open(out, recipe, resume=resume, overwrite=overwrite)
     scheduler = consistency_scheduler(teacher.schedule, prediction, config.num_solver_steps, config.timestep_scaling)
     guidance = config.sample_guidance_scale
@@ -83,7 +128,8 @@ def _run(recipe: Recipe, out_dir: str | Path, *, resume: bool, overwrite: bool, 
         else:
             student = lcm_student(teacher.unet, recipe.student.time_cond_proj_dim)
             frozen = FrozenTextToImageTeacher(teacher)
-        method = LatentConsistencyDistillation(teacher.schedule, student, config, lora=lora)
+        cache, cache_info = _encoder_cache(recipe, teacher, frozen, dataset) if config.cache else (None, None)
+        method = LatentConsistencyDistillation(teacher.schedule, student, config, lora=lora, cache=cache)
 
         def build(unet: Any, fresh_scheduler: Any) -> Any:
             return text_to_image_pipeline(teacher.pipeline, unet, fresh_scheduler)
@@ -102,7 +148,7 @@ def _run(recipe: Recipe, out_dir: str | Path, *, resume: bool, overwrite: bool, 
         info = _base_info(recipe, teacher, method_name, max(step_counts), step_counts, prediction, student_export)
         info.update(num_solver_steps=config.num_solver_steps, timestep_scaling=config.timestep_scaling,
                     guidance_scale=guidance, guidance={"w_min": config.w_min, "w_max": config.w_max},
-                    training=_training(recipe.train, started, resumed))
+                    training=_training(recipe.train, started, resumed), cache=cache_info)
         if lora:
             info.update(pipeline=type(teacher.pipeline).__name__, base_model=teacher.source,
                         lora={"rank": recipe.student.rank, "alpha": recipe.student.alpha or recipe.student.rank,
