@@ -2,11 +2,16 @@
 
     python scripts/evaluate_teacher.py ddpm assets/teachers/ddpm-digits     # ~30 min on 2 cores
     python scripts/evaluate_teacher.py clip assets/teachers/clip-shapes     # ~1 min
+    python scripts/evaluate_teacher.py t2i assets/teachers/t2i-shapes       # ~20 min on 2 cores
 
 DDPM: Inception FID and digits-classifier FD of 1,000 samples against all 1,797 digits, for DDIM at 1-256 steps
 and DPM-Solver++ (2M) at 1-8 steps in its best configuration, chosen among ``DPM_SOLVER_CANDIDATES`` by the
 digits-classifier FD at 4 steps; a second sampling seed at one step count gives the run-to-run noise.
 CLIP: zero-shot top-1/top-5 on the 2,000 shapes test images per task, tower parameters, image-encoding latency.
+T2I: the first 1,000 shapes test captions, one image each, sampled with diffusers' DDIMScheduler (trailing spacing)
+at 25 and 4 steps with the guidance scale chosen among ``T2I_GUIDANCE`` at 25 steps (``choose_guidance``, on
+``--num-guidance-search`` captions); each setting sampled once and measured by Inception FID against all 2,000
+shapes test images, prompt fidelity (``vlkd.eval.fidelity``) and seconds per image.
 Both files are written atomically; everything else in the folder is left as it is.
 """
 
@@ -15,11 +20,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -30,6 +37,11 @@ DPM_STEPS = (1, 2, 4, 8)
 NOISE_STEPS = 16  # the step count sampled with a second seed to measure run-to-run noise
 METRICS = ("inception", "digits-classifier")
 TASKS = ("shape", "color", "shape_color")
+T2I_GUIDANCE = (1.0, 2.0, 3.0, 5.0, 7.5)  # classifier-free guidance scales tried (pipeline convention, 1 = none)
+T2I_STEPS = (25, 4)  # DDIM step counts measured at the chosen scale; the search runs at the first
+T2I_PARTS = ("unet", "vae", "text_encoder")
+DEFAULT_FOLDERS = {kind: Path("assets/teachers") / name
+                   for kind, name in (("ddpm", "ddpm-digits"), ("clip", "clip-shapes"), ("t2i", "t2i-shapes"))}
 
 
 def machine() -> str:
@@ -205,28 +217,211 @@ Image encoding at batch {metrics['image_encoding']['batch_size']}: {metrics['ima
 """
 
 
-def main() -> None:
+def t2i_ddim(pipeline: Any) -> Any:
+    """diffusers' own DDIMScheduler for a text-to-image teacher, with trailing timestep spacing (see the card)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(pipeline.scheduler.config, timestep_spacing="trailing")
+
+
+def measure_t2i(pipeline: Any, steps: int, guidance_scale: float, prompts: Any, *, extractors: list[Any],
+                reference: str, judge: Any, batch_size: int = 250) -> list[dict]:
+    """One PipelineSource of ``prompts.captions`` (image i from caption i) under DDIM, sampled once: one row per
+    feature space with FD against ``reference`` (all of it), prompt fidelity and sampling seconds per image."""
+    from vlkd.diffusion.evaluate import fidelity_fields
+    from vlkd.eval.fid import fid
+    from vlkd.eval.sources import PipelineSource, TensorSource
+
+    source = PipelineSource(pipeline, len(prompts.captions), steps=steps, prompts=prompts.captions,
+                            guidance_scale=guidance_scale, scheduler=t2i_ddim(pipeline), seed=0, progress=False)
+    images = torch.cat(list(source.batches(batch_size)))
+    faithful = fidelity_fields(images, prompts, judge, batch_size)
+    rows = []
+    for extractor in extractors:
+        result = fid(TensorSource(images), reference, features=extractor, num=len(images), batch_size=batch_size)
+        rows.append({"model": "teacher", "sampler": "ddim", "steps": steps, "guidance_scale": guidance_scale,
+                     "features": result.extractor, "fd": result.value, "num_samples": result.num_a,
+                     "num_reference": result.num_b, "reference": reference,
+                     "seconds_per_image": source.seconds_per_image, **faithful})
+    return rows
+
+
+def choose_guidance(search: list[dict]) -> float:
+    """The guidance scale of the search row with the lowest FD among those whose prompt fidelity is within one
+    binomial standard error of the best: guidance is there to follow the prompt, and among scales that follow it
+    equally well (as far as the sample count can tell) the one whose images look most like the data wins."""
+    best = max(row["fidelity"] for row in search)
+    error = math.sqrt(best * (1 - best) / search[0]["num_samples"])
+    faithful = [row for row in search if row["fidelity"] >= best - error]
+    return min(faithful, key=lambda row: row["fd"])["guidance_scale"]
+
+
+def evaluate_t2i(folder: Path, num: int, num_search: int, reference: str, *, scales: tuple[float, ...] = T2I_GUIDANCE,
+                 features: tuple[str, ...] = ("inception",), judge: Any = None, batch_size: int = 250) -> dict:
+    """Guidance search at ``T2I_STEPS[0]`` DDIM steps on ``num_search`` captions (FD in the first of ``features``),
+    then every ``T2I_STEPS`` count at the chosen scale on ``num`` captions, of a StableDiffusionPipeline folder."""
+    from diffusers import StableDiffusionPipeline
+
+    from vlkd.diffusion.evaluate import fidelity_judge
+    from vlkd.eval.fid import get_extractor
+    from vlkd.eval.fidelity import shapes_prompts
+
+    pipeline = StableDiffusionPipeline.from_pretrained(folder)
+    extractors = [get_extractor(name) for name in features]
+    judge_name = "the shipped shapes CLIP teacher, assets/teachers/clip-shapes" if judge is None else str(judge)
+    judge = fidelity_judge(judge)
+    started = time.time()
+    search_prompts = shapes_prompts(num_search)
+    search = []
+    for scale in scales:  # one call per scale so that the log shows each figure as it lands
+        search += measure_t2i(pipeline, T2I_STEPS[0], scale, search_prompts, extractors=extractors[:1],
+                              reference=reference, judge=judge, batch_size=batch_size)
+        print(json.dumps(search[-1]), flush=True)
+    chosen = choose_guidance(search)
+    prompts, rows = shapes_prompts(num), []
+    for steps in T2I_STEPS:
+        rows += measure_t2i(pipeline, steps, chosen, prompts, extractors=extractors, reference=reference,
+                            judge=judge, batch_size=batch_size)
+        print(json.dumps(rows[-1]), flush=True)
+    parameters = {part: sum(p.numel() for p in getattr(pipeline, part).parameters()) for part in T2I_PARTS}
+    return {
+        "reference": f"{reference} (all {rows[0]['num_reference']:,} images)", "num_samples": num, "seed": 0,
+        "prompts": f"the first {num:,} shapes test captions (vlkd.eval.fidelity.shapes_prompts), one image each",
+        "judge": judge_name, "rows": rows,
+        "guidance": {"chosen": chosen, "steps": T2I_STEPS[0], "num_samples": num_search, "search": search,
+                     "rule": "lowest FD among scales whose fidelity is within one binomial standard error of the "
+                             "best (scripts/evaluate_teacher.py choose_guidance)"},
+        "ddim_settings": {"scheduler": "diffusers.DDIMScheduler.from_config(pipe.scheduler.config, "
+                                       "timestep_spacing='trailing')", "timestep_spacing": "trailing", "eta": 0.0},
+        "parameters": {**parameters, "total": sum(parameters.values())},
+        "minutes": round((time.time() - started) / 60, 1), "machine": machine(),
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def _t2i_table(rows: list[dict]) -> str:
+    """Markdown rows: steps, guidance, FD per feature space, prompt fidelity (both, shape, colour) in %, s/image."""
+    features = list(dict.fromkeys(row["features"] for row in rows))
+    header = ["DDIM steps", "guidance", *("FID" if f == "inception" else f"FD {f}" for f in features),
+              "fidelity %", "shape %", "colour %", "s/image"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
+    points: dict[tuple[int, float], dict[str, dict]] = {}
+    for row in rows:
+        points.setdefault((row["steps"], row["guidance_scale"]), {})[row["features"]] = row
+    for (steps, scale), by_feature in points.items():
+        first = next(iter(by_feature.values()))
+        cells = [str(steps), f"{scale:g}",
+                 *(f"{by_feature[f]['fd']:.2f}" if f in by_feature else "-" for f in features),
+                 *(f"{100 * first[key]:.1f}" for key in ("fidelity", "shape_accuracy", "color_accuracy")),
+                 f"{first['seconds_per_image']:.4f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def t2i_card(folder: Path, metrics: dict, training: dict) -> str:
+    parts, p = training["parts"], metrics["parameters"]
+    unet, vae, text, scheduler = parts["unet"], parts["vae"], parts["text_encoder"], parts["scheduler"]
+    guidance = metrics["guidance"]
+    chosen = guidance["chosen"]
+    latents = "x".join(map(str, vae["latent_shape"]))
+    parts_table = "\n".join([
+        "| part | class | parameters | what |", "|---|---|---:|---|",
+        f"| text encoder | `{text['class']}` | {p['text_encoder']:,} | frozen: {text['from']}; {text['tokenizer']} |",
+        f"| VAE | `{vae['class']}` | {p['vae']:,} | channels {vae['block_out_channels']}, latents {latents}, scaling "
+        f"factor {vae['scaling_factor']:.4f}, reconstruction PSNR {vae['reconstruction_psnr_db']} dB "
+        f"({vae['psnr_images']}) |",
+        f"| UNet | `{unet['class']}` | {p['unet']:,} | channels {unet['block_out_channels']}, "
+        f"{unet['layers_per_block']} layer(s) per block, {unet['attention_heads']} attention heads, cross-attention "
+        f"width {unet['cross_attention_dim']} |",
+        f"| scheduler | `{scheduler['class']}` | - | {scheduler['num_train_timesteps']} steps, "
+        f"{scheduler['prediction_type']}, {scheduler['beta_schedule']} betas {scheduler['beta_start']} to "
+        f"{scheduler['beta_end']} |",
+    ])
+    return f"""# t2i-shapes: the shipped text-to-image teacher
+
+A small Stable-Diffusion-style latent diffusion pipeline (diffusers `StableDiffusionPipeline`) for 32x32 images of
+coloured shapes from captions such as "a small red star in the top left corner": the teacher of the guided
+pipelines `pipelines/lcm-shapes.yaml` (LCM) and `pipelines/lcm-lora-shapes.yaml` (LCM-LoRA).
+Data: {training['data']}.
+
+{parts_table}
+
+Total {p['total']:,} parameters. Training: the VAE for {vae['optimizer_steps']} steps at batch
+{vae['batch_size']} ({vae['loss']}), then the UNet for {unet['optimizer_steps']} steps at batch
+{unet['batch_size']} (lr {unet['lr']}, {unet['lr_schedule']}, EMA {unet['ema_decay']}, captions dropped with
+probability {unet['caption_dropout']} for classifier-free guidance): {training['training_minutes']} minutes on
+{training['machine']}.
+
+Retrain: `{training['command']}`. Re-measure: `python scripts/evaluate_teacher.py t2i {folder}`.
+
+## Load it with diffusers alone
+
+```python
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained("{folder}")
+pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+images = pipe(["a small red star in the top left corner"] * 4, num_inference_steps=25, guidance_scale={chosen:g},
+              generator=torch.Generator().manual_seed(0), output_type="np").images  # (4, 32, 32, 3) in [0, 1]
+```
+
+## Measured ({metrics['date']}, {metrics['machine']})
+
+The first {metrics['num_samples']:,} shapes test captions, one image each, sampled with diffusers' `DDIMScheduler`
+(eta 0) at the chosen guidance scale **{chosen:g}**, against {metrics['reference']}: the Fréchet distance
+(Inception: FID), prompt fidelity and sampling seconds per image at batch 250. An image is faithful when its
+shape and its colour, each judged zero-shot by {metrics['judge']}, both match its caption; the shape and colour
+columns count each alone. Compare FID only at equal sample counts.
+
+{_t2i_table(metrics['rows'])}
+
+DDIM uses trailing timestep spacing: its grid starts at t = 999, where sampling starts from pure noise, and because
+25 and 4 divide 1,000, diffusers' step from t to t - 1000 // K lands exactly on the next grid point. The folder's
+own scheduler config says "leading" (Stable Diffusion's default, with steps_offset 1), whose grid starts at
+t = 961 for 25 steps and at t = 751 for 4: sampling would begin from pure noise at a timestep where the model
+expects a partly denoised latent, which penalises few-step sampling (Lin et al. 2024, "Common Diffusion Noise
+Schedules and Sample Steps are Flawed"). The distilled LCM students also start at t = 999.
+
+Guidance scale search at {guidance['steps']} steps on the first {guidance['num_samples']:,} captions; chosen:
+**{chosen:g}**, the {guidance['rule']}.
+
+{_t2i_table(guidance['search'])}
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=["ddpm", "clip"])
-    parser.add_argument("folder", type=Path)
-    parser.add_argument("--num", type=int, default=1000, help="samples per DDPM row")
-    parser.add_argument("--reference", default="digits:16@all")
+    parser.add_argument("kind", choices=list(DEFAULT_FOLDERS))
+    parser.add_argument("folder", type=Path, nargs="?", help="the teacher folder (default: the shipped one)")
+    parser.add_argument("--num", type=int, default=1000, help="samples per DDPM or T2I row")
+    parser.add_argument("--reference", help="FD reference (default: digits:16@all for ddpm, shapes:32@test for t2i)")
+    parser.add_argument("--num-guidance-search", type=int, default=300, help="samples per guidance scale (T2I)")
+    parser.add_argument("--guidance-scales", default=",".join(f"{w:g}" for w in T2I_GUIDANCE),
+                        help="comma-separated guidance scales searched (T2I)")
+    parser.add_argument("--features", default="inception",
+                        help="comma-separated FD feature spaces, the first one choosing the guidance (T2I)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dpm-from", type=Path, metavar="METRICS_JSON",
                         help="keep the DPM-Solver++ search and rows of this earlier metrics.json (DDPM only)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    training = json.loads((args.folder / "training.json").read_text())
+    folder = args.folder or DEFAULT_FOLDERS[args.kind]
+    training = json.loads((folder / "training.json").read_text())
     if args.kind == "ddpm":
         dpm_from = json.loads(args.dpm_from.read_text()) if args.dpm_from else None
-        metrics = evaluate_ddpm(args.folder, args.num, args.reference, dpm_from)
-        card = ddpm_card(args.folder, metrics, training)
+        metrics = evaluate_ddpm(folder, args.num, args.reference or "digits:16@all", dpm_from)
+        card = ddpm_card(folder, metrics, training)
+    elif args.kind == "t2i":
+        scales = tuple(float(w) for w in args.guidance_scales.split(","))
+        metrics = evaluate_t2i(folder, args.num, args.num_guidance_search, args.reference or "shapes:32@test",
+                               scales=scales, features=tuple(args.features.split(",")))
+        card = t2i_card(folder, metrics, training)
     else:
-        metrics = evaluate_clip(args.folder)
-        card = clip_card(args.folder, metrics, training)
-    metrics["command"] = "python scripts/evaluate_teacher.py " + " ".join(sys.argv[1:])
-    write_json(args.folder / "metrics.json", metrics)
-    with atomic_file(args.folder / "README.md", "w") as handle:
+        metrics = evaluate_clip(folder)
+        card = clip_card(folder, metrics, training)
+    metrics["command"] = "python scripts/evaluate_teacher.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    write_json(folder / "metrics.json", metrics)
+    with atomic_file(folder / "README.md", "w") as handle:
         handle.write(card)
     print(card)
 

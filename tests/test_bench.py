@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from vlkd import bench
 from vlkd.cli import main
 
@@ -25,3 +27,34 @@ def test_quick_shapes_benchmark_feeds_the_readme_table(tmp_path, capsys):
 def test_unknown_benchmark_is_one_line(capsys):
     assert main(["bench", "fancy"]) == 2
     assert "unknown benchmark 'fancy'" in capsys.readouterr().err
+
+
+def test_lcm_memory_benchmark_on_a_tiny_teacher(tmp_path):
+    """scripts/bench_lcm.py with --teacher: each pipeline's run in its own process, after one that fills the
+    encoder cache; the table has a row per pipeline with a positive peak."""
+    import importlib.util
+    from pathlib import Path
+
+    from lcm_fixtures import save_teacher
+
+    assert bench.BENCHMARKS["lcm"].quick is None  # it needs a text-to-image teacher folder
+    teacher = save_teacher(tmp_path / "teacher")
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_lcm.py"
+    spec = importlib.util.spec_from_file_location("bench_lcm", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "lcm.md"
+    module.main(["--teacher", str(teacher), "--steps", "2", "--batch-size", "2", "--pool-size", "32", "--threads",
+                 "1", "--out", str(out)])
+    text = out.read_text()
+    assert f"- command: `python scripts/bench_lcm.py --teacher {teacher} --steps 2" in text
+    assert "a pool of 32 read from a cache filled beforehand" in text
+    runtime = float(re.search(r"^- runtime alone \(imports, nothing loaded\): ([\d,]+) MiB peak", text,
+                              re.MULTILINE)[1].replace(",", ""))
+    peaks = {}
+    for name in ("lcm", "lcm-lora"):
+        row = re.search(rf"^\| {name} \| ([\d,]+) \| (-?[\d,]+) \| (\d+) \|$", text, re.MULTILINE)
+        assert row is not None, text
+        peaks[name] = float(row[1].replace(",", ""))
+        assert peaks[name] > 0 and float(row[2].replace(",", "")) == pytest.approx(peaks[name] - runtime, abs=1)
+    assert re.search(r"^- LCM-LoRA training memory is [\d.]+ of full LCM's", text, re.MULTILINE)

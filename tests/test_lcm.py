@@ -1,10 +1,9 @@
-"""Latent consistency distillation (LCM and LCM-LoRA) of tiny SD 1.x- and SDXL-style pipelines, built here from
-real configs with random weights: 32x32 images, 8x8 latents, a character-level CLIP tokenizer."""
+"""Latent consistency distillation (LCM and LCM-LoRA) of tiny SD 1.x- and SDXL-style pipelines, built by
+lcm_fixtures from real configs with random weights: 32x32 images, 8x8 latents, a character-level CLIP tokenizer."""
 
 import json
 import re
 import shutil
-import string
 import subprocess
 import sys
 import textwrap
@@ -12,66 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from lcm_fixtures import save_teacher
 
 from vlkd.cli import main
 from vlkd.rng import sample_seed
 
 TINY = ["--set", "train.steps=2", "--set", "train.batch_size=2", "--set", "train.checkpoint_every=2",
         "--set", "eval.enabled=false"]
-
-
-def tokenizer():
-    """A CLIP tokenizer whose vocabulary is the lowercase letters (each word is spelled out): no download."""
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):
-        vocab.update({letter + suffix: len(vocab) for letter in string.ascii_lowercase})
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-
-
-def text_encoder(width=32, projection=False):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    config = CLIPTextConfig(vocab_size=54, hidden_size=width, intermediate_size=37, num_hidden_layers=2,
-                            num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                            pad_token_id=1, projection_dim=width)
-    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
-
-
-def save_teacher(folder, sdxl=False, cross_attention_dim=None):
-    """A Stable Diffusion (or SDXL) pipeline folder: VAE 32 -> 8x8x4, a two-level UNet, SD's betas and scheduler."""
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        PNDMScheduler,
-        StableDiffusionPipeline,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
-                        up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[8, 16, 16], layers_per_block=1,
-                        latent_channels=4, norm_num_groups=8, sample_size=32)
-    extra = {"addition_embed_type": "text_time", "addition_time_embed_dim": 8,
-             "projection_class_embeddings_input_dim": 6 * 8 + 32} if sdxl else {}
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
-                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=4,
-                                norm_num_groups=8, cross_attention_dim=cross_attention_dim or (64 if sdxl else 32),
-                                **extra)
-    betas = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1}
-    if sdxl:
-        pipeline = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder(), tokenizer=tokenizer(),
-                                             text_encoder_2=text_encoder(projection=True), tokenizer_2=tokenizer(),
-                                             unet=unet, scheduler=EulerDiscreteScheduler(**betas))
-    else:
-        pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder(), tokenizer=tokenizer(), unet=unet,
-                                           scheduler=PNDMScheduler(**betas, skip_prk_steps=True),
-                                           safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipeline.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +131,11 @@ def test_guidance_embedding_wiring(sd_teacher):
     assert calls == [4]  # guided: the empty prompt and the captions in one doubled batch
 
 
-def test_lora_weights_round_trip_through_load_lora_weights(sd_teacher, tmp_path):
+@pytest.mark.parametrize("targets", [None, ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
+                                              "ff.net.2", "conv1", "conv2", "time_emb_proj"]],
+                         ids=["attention", "lcm-lora-shapes"])
+def test_lora_weights_round_trip_through_load_lora_weights(sd_teacher, tmp_path, targets):
+    """The default adapters, and those of pipelines/lcm-lora-shapes.yaml (convolutions too), load as trained."""
     from diffusers import StableDiffusionPipeline
 
     from vlkd.diffusion.export import LoraStudent, consistency_scheduler
@@ -193,7 +143,8 @@ def test_lora_weights_round_trip_through_load_lora_weights(sd_teacher, tmp_path)
     from vlkd.diffusion.text_teacher import load_text_to_image_teacher
 
     teacher = load_text_to_image_teacher(sd_teacher)
-    student = lora_student(teacher.unet, LoRAStudentConfig(rank=4, alpha=8))
+    config = LoRAStudentConfig(rank=4, alpha=8, **({"target_modules": targets} if targets else {}))
+    student = lora_student(teacher.unet, config)
     trainable = [p for p in student.parameters() if p.requires_grad]
     assert trainable and all("lora" in n for n, p in student.named_parameters() if p.requires_grad)
     with torch.no_grad():
@@ -345,6 +296,8 @@ def test_the_encoder_cache_trains_as_the_encoders_do_and_is_read_back(tmp_path, 
     ("cross-attention", "cross_attention_dim"),
     ("guidance-below-1", "w_min"),
     ("no-captions", "has no captions"),
+    ("fidelity-not-shapes", "eval.fidelity judges images against shapes captions"),
+    ("fidelity-too-many", "eval.num_samples is 2001"),
 ])
 def test_bad_inputs_are_one_line_exit_2(tmp_path, sd_teacher, capsys, case, words):
     folder, method, data = tmp_path / "teacher", {}, "shapes:32"
@@ -358,23 +311,92 @@ def test_bad_inputs_are_one_line_exit_2(tmp_path, sd_teacher, capsys, case, word
     else:
         folder = sd_teacher
         method = {"w_min": 0.5} if case == "guidance-below-1" else {}
-        data = "digits:32" if case == "no-captions" else data
+        data = "digits:32" if case in ("no-captions", "fidelity-not-shapes") else data
     argv = ["distill", recipe(tmp_path, folder, "lcm", data=data, **method), "--out", str(tmp_path / "out"), *TINY]
+    if case.startswith("fidelity"):
+        argv += ["--set", "eval.fidelity=true"]
+        argv += ["--set", "eval.num_samples=2001"] if case == "fidelity-too-many" else []
     capsys.readouterr()  # saving a teacher shows transformers' progress bars
     assert main(argv) == 2
     assert words in one_error_line(capsys)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.run").exists()
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 @pytest.mark.parametrize("name, pipeline, teacher", [
     ("lcm-sd15", "lcm", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
     ("lcm-lora-sdxl", "lcm-lora", "stabilityai/stable-diffusion-xl-base-1.0"),
+    ("lcm-shapes", "lcm", "assets/teachers/t2i-shapes"),
+    ("lcm-lora-shapes", "lcm-lora", "assets/teachers/t2i-shapes"),
 ])
 def test_shipped_recipes_parse(name, pipeline, teacher):
-    from pathlib import Path
-
     from vlkd.recipes import load_recipe
 
-    recipe_ = load_recipe(Path(__file__).resolve().parents[1] / "pipelines" / f"{name}.yaml")
+    recipe_ = load_recipe(REPO / "pipelines" / f"{name}.yaml")
     assert recipe_.pipeline == pipeline and recipe_.teacher == teacher
     assert 1 <= recipe_.method.w_min <= recipe_.method.w_max
+
+
+@pytest.mark.parametrize("name", ["lcm-shapes", "lcm-lora-shapes"])
+def test_shapes_recipes_fit_the_t2i_teacher_and_its_evaluation(name):
+    """What can be checked before the t2i-shapes teacher ships: the recipe names the folder its training script
+    writes, trains on its data from a cached pool, and measures prompt fidelity at the counts it trains for."""
+    import importlib.util
+
+    from vlkd.diffusion.lcm_runner import _check_fidelity
+    from vlkd.recipes import load_recipe
+
+    recipe_ = load_recipe(REPO / "pipelines" / f"{name}.yaml")
+    spec = importlib.util.spec_from_file_location("train_teacher_t2i", REPO / "scripts" / "train_teacher_t2i.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.parse_args([]).out == recipe_.teacher
+    assert recipe_.data == "shapes:32" and _check_fidelity(recipe_) == "shapes:32"
+    assert recipe_.method.pool_size and recipe_.method.cache and recipe_.method.w_max <= 8
+    assert recipe_.eval.fidelity and recipe_.eval.enabled and recipe_.eval.features == ["inception"]
+    assert recipe_.eval.steps == recipe_.method.student_steps == [1, 2, 4, 8] and recipe_.eval.num_samples == 1000
+    assert recipe_.train.steps >= 1000 and recipe_.train.steps % recipe_.train.checkpoint_every == 0
+    if recipe_.pipeline == "lcm-lora":
+        assert recipe_.method.sample_guidance_scale == 1.0 and recipe_.student.rank in (16, 32)
+
+
+def test_fidelity_is_refused_for_pipelines_without_prompts():
+    from vlkd.errors import RecipeError
+    from vlkd.recipes import load_recipe
+
+    with pytest.raises(RecipeError, match="eval.fidelity measures text-to-image students .*'consistency'"):
+        load_recipe(REPO / "pipelines" / "consistency-digits.yaml", ["eval.fidelity=true"])
+
+
+def test_fidelity_eval_samples_the_test_captions_and_records_fidelity(tmp_path, sd_teacher, monkeypatch):
+    """eval.fidelity: the student samples the first eval.num_samples shapes test captions, in order, once per step
+    count; FD is against the whole test split and the rows of each step count carry its prompt fidelity."""
+    from vlkd.diffusion import evaluate
+    from vlkd.eval.fidelity import shapes_prompts
+
+    sampled = []
+
+    def recording(pipeline, num, steps, seed=0, prompts=None, guidance_scale=None):
+        sampled.append((steps, list(prompts)))
+        return sample_images(pipeline, num, steps, seed=seed, prompts=prompts, guidance_scale=guidance_scale)
+
+    sample_images = evaluate.sample_images
+    monkeypatch.setattr(evaluate, "sample_images", recording)
+    out = tmp_path / "student"
+    measured = ["--set", "eval.enabled=true", "--set", "eval.fidelity=true", "--set", "eval.steps=[1, 2]",
+                "--set", "eval.num_samples=4", "--set", "eval.batch_size=4",
+                "--set", "eval.features=[digits-classifier]"]
+    assert main(["distill", recipe(tmp_path, sd_teacher, "lcm-lora"), "--out", str(out), *TINY, *measured]) == 0
+    captions = shapes_prompts(4).captions
+    assert sampled[-2:] == [(1, captions), (2, captions)]  # after the training grids' calls, the evaluation's
+    rows = json.loads((out / "vlkd.json").read_text())["metrics"]
+    assert sorted(row["steps"] for row in rows) == [1, 2]
+    for row in rows:
+        assert row["features"] == "digits-classifier" and row["fd"] > 0
+        assert (row["reference"], row["num_reference"], row["num_samples"]) == ("shapes:32@test", 2000, 4)
+        for key in ("fidelity", "shape_accuracy", "color_accuracy"):
+            assert 0 <= row[key] <= 1
+        assert row["fidelity"] <= min(row["shape_accuracy"], row["color_accuracy"])
+    assert "| 1 | digits-classifier |" in (out / "README.md").read_text()  # the card still reads the rows

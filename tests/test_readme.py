@@ -59,7 +59,7 @@ def outputs(tmp_path_factory) -> Path:
         assert main(["distill", str(REPO / "pipelines" / f"{name}.yaml"), "--out", str(root / "runs" / name),
                      *TINY, *extra]) == 0
     # The LCM recipes name hub teachers; a tiny SD 1.x and a tiny SDXL pipeline stand in for them here.
-    from test_lcm import save_teacher
+    from lcm_fixtures import save_teacher
 
     for name, sdxl in (("lcm-sd15", False), ("lcm-lora-sdxl", True)):
         teacher = save_teacher(root / f"{name}-teacher", sdxl=sdxl)

@@ -41,6 +41,8 @@ BENCHMARKS: dict[str, Benchmark] = {
     "clip": Benchmark("scripts/bench_clip.py", "benchmarks/clip.md",
                       ["--minutes", "0.1", "--num-test", "100", "--threads", "1", "--pool-size", "256", "--only",
                        "teacher", "fd", "cache"]),
+    # No quick mode: it needs a text-to-image teacher folder, the shipped t2i-shapes one or --teacher FOLDER.
+    "lcm": Benchmark("scripts/bench_lcm.py", "benchmarks/lcm.md"),
 }
 
 

@@ -77,6 +77,10 @@ class EvalConfig:
     batch_size: int = 100
     enabled: bool = True
     zero_shot: list[str] = field(default_factory=list)  # CLIP: SPEC:TASK[@SPLIT] datasets; default: shapes tasks
+    # Text-to-image students on shapes data: sample the first num_samples shapes *test* captions (not train ones),
+    # measure FD against the data's test split (all 2,000 images) and prompt fidelity (vlkd.eval.fidelity) on the
+    # same images; the fidelity figures join the FD rows of each step count in vlkd.json.
+    fidelity: bool = False
 
 
 @dataclass
@@ -87,6 +91,7 @@ class PipelineSpec:
     method_config: type
     student_config: type | None
     run: Callable[..., Any]  # run(recipe, out_dir: Path, *, resume: bool, overwrite: bool) -> Path
+    text_to_image: bool = False  # its students take prompts (what eval.fidelity measures)
 
 
 @dataclass
@@ -186,6 +191,9 @@ def recipe_from_dict(raw: Any, overrides: list[str] | tuple[str, ...] = (), sour
         values["student"] = _convert(raw.get("student", {}) or {}, spec.student_config, "student", where)
     elif raw.get("student") is not None:
         raise RecipeError(f"{where}: pipeline {spec.name!r} takes no 'student' section")
+    if values.get("eval", EvalConfig()).fidelity and not spec.text_to_image:
+        raise RecipeError(f"{where}: eval.fidelity measures text-to-image students (lcm, lcm-lora); pipeline "
+                          f"{spec.name!r} takes no prompts, so leave eval.fidelity out")
     return Recipe(**values, source=source, raw=raw)
 
 

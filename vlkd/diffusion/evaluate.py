@@ -18,13 +18,18 @@ GRID_IMAGES = 64
 
 def evaluate_pipeline(pipeline: Any, steps: Sequence[int], config: EvalConfig, reference: str, *,
                       num_reference: int | None = None, seed: int = 0, progress: bool = True,
-                      prompts: Sequence[str] | None = None, guidance_scale: float | None = None
+                      prompts: Sequence[str] | None = None, guidance_scale: float | None = None,
+                      fidelity: Any = None, judge: Any = None
                       ) -> tuple[list[dict[str, Any]], dict[int, torch.Tensor]]:
     """FD of ``pipeline`` at each step count against ``reference`` for every ``config.features``.
 
     Images are sampled once per step count and shared by all feature spaces (a text-to-image pipeline from
     ``prompts``, image i from prompt i, cycling). Returns one row per (steps, features) and the first
     ``GRID_IMAGES`` uint8 images per step count (for grids).
+
+    ``fidelity``: a ``vlkd.eval.fidelity.ShapesPrompts`` whose captions are then the prompts, one image each; every
+    row also gets the prompt fidelity of its step count's images (``fidelity``, ``shape_accuracy``,
+    ``color_accuracy``), judged by ``judge`` (a ClipAdapter or ``load_clip`` spec; default: the shipped shapes CLIP).
     """
     from tqdm.auto import tqdm
 
@@ -32,6 +37,8 @@ def evaluate_pipeline(pipeline: Any, steps: Sequence[int], config: EvalConfig, r
     from vlkd.eval.sources import TensorSource, quantize_images
 
     extractors = [metrics.get_extractor(name) for name in config.features]
+    if fidelity is not None:
+        prompts, judge = fidelity.captions, fidelity_judge(judge)
     rows: list[dict[str, Any]] = []
     firsts: dict[int, torch.Tensor] = {}
     for count in steps:
@@ -48,13 +55,31 @@ def evaluate_pipeline(pipeline: Any, steps: Sequence[int], config: EvalConfig, r
             chunks.append(quantize_images(torch.from_numpy(images).permute(0, 3, 1, 2), (0.0, 1.0)))
         images = torch.cat(chunks)
         firsts[count] = images[:GRID_IMAGES]
+        faithful = fidelity_fields(images, fidelity, judge, config.batch_size) if fidelity is not None else {}
         for extractor in extractors:
             result = metrics.fid(TensorSource(images), reference, features=extractor, num=len(images),
                                  num_b=num_reference, batch_size=config.batch_size)
             rows.append({"model": ".", "steps": count, "features": result.extractor, "fd": result.value,
                          "num_samples": result.num_a, "num_reference": result.num_b, "reference": reference,
-                         "seconds_per_image": seconds / len(images)})
+                         "seconds_per_image": seconds / len(images), **faithful})
     return rows, firsts
+
+
+def fidelity_judge(judge: Any = None) -> Any:
+    """The prompt-fidelity judge (a ClipAdapter, a ``load_clip`` spec, or None: the shipped shapes CLIP teacher) as
+    a loaded ClipAdapter, so that it is loaded once and not once per step count."""
+    from vlkd.eval.fidelity import default_judge
+    from vlkd.eval.zeroshot import ClipAdapter, load_clip
+
+    return judge if isinstance(judge, ClipAdapter) else load_clip(judge or default_judge())
+
+
+def fidelity_fields(images: torch.Tensor, prompts: Any, judge: Any, batch_size: int) -> dict[str, float]:
+    """Prompt fidelity of uint8 ``images`` (image i for caption i of the ShapesPrompts ``prompts``) as row fields."""
+    from vlkd.eval.fidelity import prompt_fidelity
+
+    result = prompt_fidelity(images, prompts, fidelity_judge(judge), batch_size=batch_size)
+    return {key: result[key] for key in ("fidelity", "shape_accuracy", "color_accuracy")}
 
 
 def save_uint8_grid(images: torch.Tensor, path: str | Path) -> Path:

@@ -34,6 +34,7 @@ from vlkd.diffusion.runner import (
     _training,
     consistency_step_counts,
 )
+from vlkd.errors import RecipeError
 from vlkd.files import check_output
 from vlkd.recipes import PipelineSpec, Recipe
 
@@ -54,6 +55,24 @@ def _captions(dataset: Any, count: int) -> list[str]:
     """The captions of the first ``count`` samples (or of all of them, cycling, when there are fewer)."""
     size = min(count, len(dataset))
     return [dataset[i % size]["caption"] for i in range(count)]
+
+
+def _check_fidelity(recipe: Recipe) -> str:
+    """The data's shapes spec (``shapes:32``), or a RecipeError saying why ``eval.fidelity`` cannot measure it."""
+    from vlkd.data.builtin_shapes import TEST_COUNT
+    from vlkd.eval.sources import parse_dataset_spec
+
+    spec, _ = parse_dataset_spec(recipe.data, "train")
+    if spec.partition(":")[0] != "shapes":
+        raise RecipeError(f"eval.fidelity judges images against shapes captions, but data is {recipe.data!r}; train "
+                          "on shapes (data: shapes:32) or leave eval.fidelity out")
+    if not recipe.eval.features:
+        raise RecipeError("eval.fidelity adds its figures to the FD rows, but eval.features is empty; name one, "
+                          "e.g. [inception]")
+    if recipe.eval.num_samples > TEST_COUNT:
+        raise RecipeError(f"eval.num_samples is {recipe.eval.num_samples}, but eval.fidelity samples one image per "
+                          f"shapes test caption and there are {TEST_COUNT}; use at most {TEST_COUNT}")
+    return spec
 
 
 def _teacher_identity(teacher: Any) -> str:
@@ -106,13 +125,23 @@ def _run(recipe: Recipe, out_dir: str | Path, *, resume: bool, overwrite: bool, 
     started = time.time()
     method_name = "lcm-lora" if lora else "lcm"
     out = check_output(out_dir, overwrite)
+    if recipe.eval.fidelity:
+        _check_fidelity(recipe)  # before any model loads
     config: LatentConsistencyConfig = recipe.method
     teacher = load_text_to_image_teacher(recipe.teacher)
     prediction = teacher.prediction_type  # LCMScheduler converts the student's output as the teacher's
     step_counts, measured = consistency_step_counts(recipe, teacher.schedule.num_train_timesteps)
     dataset, reference, num_reference = _dataset(recipe, teacher, config.image_size or teacher.image_size)
     _check_features(recipe)
-    eval_prompts = _captions(dataset, recipe.eval.num_samples) if measured else None
+    fidelity = None
+    if measured and recipe.eval.fidelity:
+        from vlkd.eval.fidelity import shapes_prompts
+
+        # Test captions, not the train ones the student was distilled on: the judge's labels come with the test
+        # split, which is also the FD reference (all 2,000 images). evaluate_pipeline samples one image each.
+        fidelity = shapes_prompts(recipe.eval.num_samples)
+        reference, num_reference = f"{_check_fidelity(recipe)}@test", None
+    eval_prompts = _captions(dataset, recipe.eval.num_samples) if measured and fidelity is None else None
     if config.pool_size is not None or config.cache:
         dataset = CaptionPool(dataset, config.pool_size)
         dataset[0]  # data without captions fails here, before any model is built
@@ -157,12 +186,12 @@ def _run(recipe: Recipe, out_dir: str | Path, *, resume: bool, overwrite: bool, 
             info["time_cond_proj_dim"] = recipe.student.time_cond_proj_dim
         work.export_stage(name, student_export, info, eval_steps=measured, eval_config=recipe.eval,
                           reference=reference, num_reference=num_reference, prompts=eval_prompts,
-                          guidance_scale=guidance)
+                          guidance_scale=guidance, fidelity=fidelity)
     extra = {"wall_minutes_this_process": round((time.time() - started) / 60, 2)}
     return work.assemble(name, [], extra, overwrite)
 
 
-LCM = PipelineSpec("lcm", LatentConsistencyConfig, LCMStudentConfig, run_lcm)
-LCM_LORA = PipelineSpec("lcm-lora", LCMLoRAConfig, LoRAStudentConfig, run_lcm_lora)
+LCM = PipelineSpec("lcm", LatentConsistencyConfig, LCMStudentConfig, run_lcm, text_to_image=True)
+LCM_LORA = PipelineSpec("lcm-lora", LCMLoRAConfig, LoRAStudentConfig, run_lcm_lora, text_to_image=True)
 
 __all__ = ["LCM", "LCM_LORA", "run_lcm", "run_lcm_lora"]

@@ -50,21 +50,23 @@ class Workspace:
 
     def export_stage(self, name: str, pipeline: Any, info: dict[str, Any], *, eval_steps: Sequence[int],
                      eval_config: EvalConfig, reference: str, num_reference: int | None, seed: int = 0,
-                     prompts: Sequence[str] | None = None, guidance_scale: float | None = None) -> Path:
+                     prompts: Sequence[str] | None = None, guidance_scale: float | None = None,
+                     fidelity: Any = None) -> Path:
         """Save the stage's student, measure it at ``eval_steps`` from the saved folder, and record the numbers.
 
-        A text-to-image student is measured on ``prompts`` at ``guidance_scale``.
+        A text-to-image student is measured on ``prompts`` at ``guidance_scale``, or with ``fidelity`` (shapes test
+        captions, see ``evaluate_pipeline``) on those captions, its rows holding prompt fidelity as well.
         """
         folder = self.stage_dir(name)
         if is_main_process():
             self._export_stage(name, folder, pipeline, info, eval_steps, eval_config, reference, num_reference, seed,
-                               prompts, guidance_scale)
+                               prompts, guidance_scale, fidelity)
         wait_for_everyone()
         return folder
 
     def _export_stage(self, name: str, folder: Path, pipeline: Any, info: dict[str, Any], eval_steps: Sequence[int],
                       eval_config: EvalConfig, reference: str, num_reference: int | None, seed: int,
-                      prompts: Sequence[str] | None, guidance_scale: float | None) -> None:
+                      prompts: Sequence[str] | None, guidance_scale: float | None, fidelity: Any) -> None:
         with staged_folder(folder, overwrite=True) as staging:
             save_student(pipeline, staging)
             rows: list[dict[str, Any]] = []
@@ -76,7 +78,7 @@ class Workspace:
                 loaded.to("cuda" if torch.cuda.is_available() else "cpu")
                 rows, firsts = evaluate_pipeline(loaded, eval_steps, eval_config, reference,
                                                  num_reference=num_reference, seed=seed, prompts=prompts,
-                                                 guidance_scale=guidance_scale)
+                                                 guidance_scale=guidance_scale, fidelity=fidelity)
                 for count, images in firsts.items():
                     save_uint8_grid(images, self.samples / f"{name}-final-{count}steps.png")
             write_info(staging, {**info, "metrics": rows})

@@ -1,0 +1,98 @@
+"""scripts/evaluate_teacher.py t2i on a tiny text-to-image teacher (lcm_fixtures): the guidance search, the
+measured rows (FD, prompt fidelity, seconds per image) in metrics.json, and the model card built from them."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+from lcm_fixtures import save_teacher
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("evaluate_teacher", REPO / "scripts" / "evaluate_teacher.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def training_json() -> dict:
+    """The parts of scripts/train_teacher_t2i.py's training.json that the model card reads."""
+    return {
+        "data": "shapes:32 train stream (seed 0), drawn on the fly",
+        "parts": {
+            "text_encoder": {"class": "CLIPTextModel", "from": "a tiny random text encoder",
+                             "tokenizer": "CLIPTokenizer, one token per letter"},
+            "vae": {"class": "AutoencoderKL", "block_out_channels": [8, 16, 16], "latent_shape": [4, 8, 8],
+                    "loss": "none (random weights)", "batch_size": 4, "optimizer_steps": 0, "scaling_factor": 0.18215,
+                    "reconstruction_psnr_db": 0.0, "psnr_images": "not measured"},
+            "unet": {"class": "UNet2DConditionModel", "block_out_channels": [16, 32], "layers_per_block": 1,
+                     "attention_heads": 4, "cross_attention_dim": 32, "optimizer_steps": 0, "batch_size": 4,
+                     "lr": 0.0, "lr_schedule": "constant", "ema_decay": None, "caption_dropout": 0.1},
+            "scheduler": {"class": "PNDMScheduler", "num_train_timesteps": 1000, "prediction_type": "epsilon",
+                          "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+        },
+        "training_minutes": 0.0, "machine": "none", "command": "tests/lcm_fixtures.py save_teacher",
+    }
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+    """Reference statistics go to one cache per test module, not to the user's."""
+    monkeypatch.setenv("VLKD_CACHE", str(tmp_path_factory.getbasetemp() / "vlkd-cache"))
+
+
+def test_t2i_mode_writes_the_rows_the_guidance_search_and_the_card(tmp_path, capsys):
+    folder = save_teacher(tmp_path / "t2i")
+    (folder / "training.json").write_text(json.dumps(training_json()))
+    script = load_script()
+    script.main(["t2i", str(folder), "--num", "4", "--num-guidance-search", "3", "--guidance-scales", "1,3",
+                 "--features", "digits-classifier", "--threads", "1"])
+    metrics = json.loads((folder / "metrics.json").read_text())
+    search, rows, chosen = metrics["guidance"]["search"], metrics["rows"], metrics["guidance"]["chosen"]
+    assert [(row["steps"], row["guidance_scale"]) for row in search] == [(25, 1.0), (25, 3.0)]
+    assert chosen == script.choose_guidance(search) and chosen in (1.0, 3.0)
+    assert [(row["steps"], row["guidance_scale"], row["num_samples"]) for row in rows] == [(25, chosen, 4),
+                                                                                        (4, chosen, 4)]
+    for row in search + rows:
+        assert row["features"] == "digits-classifier" and math.isfinite(row["fd"]) and row["fd"] >= 0
+        assert (row["reference"], row["num_reference"]) == ("shapes:32@test", 2000)
+        assert all(0 <= row[key] <= 1 for key in ("fidelity", "shape_accuracy", "color_accuracy"))
+        assert row["seconds_per_image"] > 0
+    assert metrics["ddim_settings"]["timestep_spacing"] == "trailing"
+    parameters = metrics["parameters"]
+    assert parameters["total"] == parameters["unet"] + parameters["vae"] + parameters["text_encoder"] > 0
+    assert metrics["command"].startswith("python scripts/evaluate_teacher.py t2i ")
+
+    card = (folder / "README.md").read_text()
+    assert "## Measured" in card and "DDIMScheduler.from_config" in card and 'timestep_spacing="trailing"' in card
+    assert f"| UNet | `UNet2DConditionModel` | {parameters['unet']:,} |" in card
+    for row in rows + search:
+        line = f"| {row['steps']} | {row['guidance_scale']:g} | {row['fd']:.2f} | {100 * row['fidelity']:.1f} |"
+        assert line in card
+
+
+def test_guidance_choice_prefers_fidelity_then_fd():
+    choose = load_script().choose_guidance
+
+    def row(scale, fidelity, fd):
+        return {"guidance_scale": scale, "fidelity": fidelity, "fd": fd, "num_samples": 300}
+
+    # 3 and 5 follow the prompts equally well within one standard error (0.017 at 300 samples): the lower FD wins.
+    assert choose([row(1, 0.40, 10.0), row(3, 0.90, 14.0), row(5, 0.91, 18.0)]) == 3
+    # A real gain in fidelity outweighs FD.
+    assert choose([row(1, 0.40, 10.0), row(3, 0.80, 14.0), row(5, 0.95, 18.0)]) == 5
+
+
+def test_t2i_table_gives_fidelity_in_percent():
+    row = {"steps": 25, "guidance_scale": 3.0, "features": "inception", "fd": 12.345, "fidelity": 0.5,
+           "shape_accuracy": 0.75, "color_accuracy": 0.6, "seconds_per_image": 0.1}
+    table = load_script()._t2i_table([row, {**row, "features": "digits-classifier", "fd": 1.0}])
+    assert table.splitlines()[0] == ("| DDIM steps | guidance | FID | FD digits-classifier | fidelity % | shape % | "
+                                     "colour % | s/image |")
+    assert table.splitlines()[2] == "| 25 | 3 | 12.35 | 1.00 | 50.0 | 75.0 | 60.0 | 0.1000 |"
