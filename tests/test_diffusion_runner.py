@@ -221,9 +221,15 @@ def test_teacher_layouts(tmp_path):
         assert not any(p.requires_grad for p in teacher.unet.parameters())
 
 
+# Measured: the two shipped digits recipes run side by side on this project's 2-core machine, one torch thread
+# each, took ~1.0 s per optimizer step at batch 64 (progressive: two teacher passes and a student pass with its
+# backward; consistency: teacher, target and student passes). Alone on 2 threads a step is faster still.
+SECONDS_PER_SAMPLE_STEP = 1.0 / 64
+
+
 @pytest.mark.parametrize("name", ["progressive-digits", "consistency-digits"])
 def test_shipped_recipes_parse_and_fit_the_cpu_budget(name):
-    """90 minutes on 2 CPU cores at ~0.35 s per optimizer step (batch 128), with room for evaluation."""
+    """90 minutes on 2 CPU cores: training at the measured step time within 80, leaving 10 for evaluation."""
     from pathlib import Path
 
     from vlkd.diffusion.progressive import round_steps
@@ -231,7 +237,9 @@ def test_shipped_recipes_parse_and_fit_the_cpu_budget(name):
 
     path = Path(__file__).resolve().parents[1] / "pipelines" / f"{name}.yaml"
     recipe = load_recipe(path)
-    assert recipe.teacher == "assets/teachers/ddpm-digits" and recipe.train.batch_size == 128
+    assert recipe.teacher == "assets/teachers/ddpm-digits"
     rounds = round_steps(recipe.method.teacher_steps, recipe.method.student_steps) if name.startswith("prog") else [1]
-    assert len(rounds) * recipe.train.steps * 0.35 / 60 <= 75
+    assert rounds[-1] == 1  # distilled down to one step
+    minutes = len(rounds) * recipe.train.steps * recipe.train.batch_size * SECONDS_PER_SAMPLE_STEP / 60
+    assert minutes <= 80
     assert sorted(recipe.eval.steps) == [1, 2, 4, 8] and recipe.eval.num_samples == 1000
