@@ -40,45 +40,49 @@ REPO = Path(__file__).resolve().parent.parent
 OUTPUT = REPO / "benchmarks" / "lcm.md"
 RECIPES = {"lcm": REPO / "pipelines" / "lcm-shapes.yaml", "lcm-lora": REPO / "pipelines" / "lcm-lora-shapes.yaml"}
 # What `vlkd distill` of an LCM recipe imports before it loads anything.
-RUNTIME_IMPORTS = ("import torch, diffusers, transformers, peft, accelerate; import vlkd.cli, vlkd.train, "
-                   "vlkd.diffusion.lcm_runner, vlkd.diffusion.text_teacher, vlkd.data")
+RUNTIME_IMPORTS = ("torch,diffusers,transformers,peft,accelerate,vlkd.cli,vlkd.train,vlkd.diffusion.lcm_runner,"
+                   "vlkd.diffusion.text_teacher,vlkd.data")
 LIMIT = 0.6  # the issue's bar: LoRA's training memory at most 60% of full LCM's
 
 
-# Run in the measured process: at exit, write its own peak resident memory (kB) to the file named in the environment.
-_REPORT_PEAK = ("import atexit, os, re, runpy, sys\n"
-                "def report():\n"
-                "    status = open('/proc/self/status').read()\n"
-                "    open(os.environ['VLKD_PEAK_FILE'], 'w').write(re.search(r'VmHWM:\\s+(\\d+)', status)[1])\n"
-                "atexit.register(report)\n"
-                "sys.argv = sys.argv[1:]\n"
-                "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True) if sys.argv[0] != '-c' else "
-                "exec(sys.argv[1])\n")
+# Run in the measured process: at exit, write its own peak resident memory (kB) to the file named in the environment;
+# then either run the module named next (`-m MODULE ARGS...`) or only import the modules listed (`--imports A,B`).
+_REPORT_PEAK = """
+import atexit, importlib, os, re, runpy, sys
+def report():
+    status = open('/proc/self/status').read()
+    open(os.environ['VLKD_PEAK_FILE'], 'w').write(re.search(r'VmHWM:\\s+(\\d+)', status)[1])
+atexit.register(report)
+if sys.argv[1] == '--imports':
+    for name in sys.argv[2].split(','):
+        importlib.import_module(name)
+else:
+    sys.argv = sys.argv[2:]
+    runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)
+"""
 
 
-def peak_rss_mib(command: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """Run ``[python, -m MODULE | -c CODE, args...]`` to completion; its peak resident memory in MiB, wall seconds."""
-    if command[0] != sys.executable or command[1] not in ("-m", "-c"):
-        raise ValueError("peak_rss_mib runs `python -m MODULE ...` or `python -c CODE`")
+def peak_rss_mib(arguments: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Run ``python -m MODULE ARGS...`` (``arguments = ["-m", MODULE, *ARGS]``) or only import modules
+    (``["--imports", "A,B"]``) to completion; its peak resident memory in MiB and its wall seconds."""
     # stderr goes to a file, not a pipe: nobody reads a pipe while the child runs, so a run whose progress bars
     # filled the pipe's 64 KiB buffer would block on its next write and never exit.
     with tempfile.TemporaryFile() as stderr, tempfile.TemporaryDirectory() as folder:
         peak_file = Path(folder) / "peak"
-        wrapped = [sys.executable, "-c", _REPORT_PEAK, *(command[2:] if command[1] == "-m" else command[1:])]
         started = time.perf_counter()
-        done = subprocess.run(wrapped, cwd=REPO, env={**env, "VLKD_PEAK_FILE": str(peak_file)},
-                              stdout=subprocess.DEVNULL, stderr=stderr)
+        done = subprocess.run([sys.executable, "-c", _REPORT_PEAK, *arguments], cwd=REPO,
+                              env={**env, "VLKD_PEAK_FILE": str(peak_file)}, stdout=subprocess.DEVNULL, stderr=stderr)
         seconds = time.perf_counter() - started
         if done.returncode != 0 or not peak_file.is_file():
             stderr.seek(0)
             error = stderr.read().decode(errors="replace").strip().splitlines()
-            raise SystemExit(f"{' '.join(command)} failed: {error[-1] if error else 'no message'}")
+            raise SystemExit(f"python {' '.join(arguments)} failed: {error[-1] if error else 'no message'}")
         return int(peak_file.read_text()) / 1024, seconds
 
 
 def distill_command(name: str, out: Path, overrides: list[str]) -> list[str]:
     """``vlkd distill`` of the named recipe into ``out`` with ``--set`` overrides."""
-    command = [sys.executable, "-m", "vlkd", "distill", str(RECIPES[name]), "--out", str(out)]
+    command = ["-m", "vlkd", "distill", str(RECIPES[name]), "--out", str(out)]
     return command + [part for value in overrides for part in ("--set", value)]
 
 
@@ -93,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    runtime, _ = peak_rss_mib([sys.executable, "-c", RUNTIME_IMPORTS], env)
+    runtime, _ = peak_rss_mib(["--imports", RUNTIME_IMPORTS], env)
     rows = {}
     with tempfile.TemporaryDirectory() as work:
         common = [f"method.cache_dir={Path(work) / 'cache'}", "eval.enabled=false"]

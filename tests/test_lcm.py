@@ -275,7 +275,9 @@ def test_the_encoder_cache_trains_as_the_encoders_do_and_is_read_back(tmp_path, 
     cached = tmp_path / "cached"
     assert main(["distill", recipe(tmp_path, sdxl_teacher, "lcm", cache="true", **pool), "--out", str(cached),
                  *TINY]) == 0
-    assert history(cached) == pytest.approx(history(live), rel=1e-5, abs=1e-7)
+    # Equal up to float summation order: the cache encoded the pool in pool-order batches, the live run in training
+    # order (a wrong or misaligned cached row changes the loss by far more than this).
+    assert history(cached) == pytest.approx(history(live), rel=1e-4, abs=1e-6)
     info = json.loads((cached / "vlkd.json").read_text())["cache"]
     assert info["rows"] == 4 and (tmp_path / "cache" / Path(info["folder"]).name / "meta.json").is_file()
     assert json.loads((live / "vlkd.json").read_text())["cache"] is None
