@@ -37,6 +37,13 @@ def test_the_figures_table_is_copied_from_the_benchmark_files():
     assert table.strip() == readme_figures().strip()
 
 
+def test_the_frontier_table_is_copied_from_its_benchmark():
+    table = README.split("<!-- frontier:start", 1)[1].split("-->", 1)[1].split("<!-- frontier:end -->", 1)[0]
+    measured = (REPO / "benchmarks" / "frontier.md").read_text()
+    assert table.count("\n| ") >= 19 and table.strip() in measured
+    assert (REPO / "benchmarks" / "frontier-inception.png").is_file() and "benchmarks/frontier-inception.png" in README
+
+
 def test_recipe_examples_parse(tmp_path):
     examples = [b for b in blocks("yaml") if b.startswith("pipeline:")]
     assert examples
