@@ -262,14 +262,14 @@ def evaluate_t2i(folder: Path, num: int, num_search: int, reference: str, *, sca
     then every ``T2I_STEPS`` count at the chosen scale on ``num`` captions, of a StableDiffusionPipeline folder."""
     from diffusers import StableDiffusionPipeline
 
-    from vlkd.diffusion.evaluate import fidelity_judge
+    from vlkd.eval.fidelity import load_judge
     from vlkd.eval.fid import get_extractor
     from vlkd.eval.fidelity import shapes_prompts
 
     pipeline = StableDiffusionPipeline.from_pretrained(folder)
     extractors = [get_extractor(name) for name in features]
     judge_name = "the shipped shapes CLIP teacher, assets/teachers/clip-shapes" if judge is None else str(judge)
-    judge = fidelity_judge(judge)
+    judge = load_judge(judge)
     started = time.time()
     search_prompts = shapes_prompts(num_search)
     search = []

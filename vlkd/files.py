@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from vlkd.errors import OutputExistsError
 
@@ -88,3 +89,14 @@ def staged_folder(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
     else:
         os.replace(staging, final)
     _fsync_dir(final.parent)
+
+
+def files_digest(paths: Iterable[Path], root: Path) -> str:
+    """SHA-256 over the files' paths relative to ``root`` and their contents, in sorted order: what caches key on."""
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(str(path.relative_to(root)).encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()

@@ -37,9 +37,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlkd.clip.tokenizer import (TOKENIZER_KEYS, TextTokenizer, describe_tokenizer, open_clip_tokenizer,
-                                 tokenizer_signature)
+from vlkd.clip.tokenizer import (
+    TOKENIZER_KEYS,
+    TextTokenizer,
+    describe_tokenizer,
+    open_clip_tokenizer,
+    tokenizer_signature,
+)
 from vlkd.errors import MODEL_LOAD_ERRORS, ModelLoadError, RecipeError, load_failure
+from vlkd.files import files_digest
 
 TEXT_MODES = ("train", "locked", "shared-tokenizer")
 # text_cfg keys saying how the tower finds its pooled token in the tokenizer's ids (shared along with it).
@@ -162,23 +168,14 @@ def parse_teacher_spec(spec: str) -> tuple[str, str, str | None]:
     raise unknown_model_error(name)
 
 
-def _files_digest(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in _MODEL_FILES):
-        digest.update(path.name.encode())
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
 def teacher_identity(family: str, name: str, pretrained: str | None) -> str:
     """A hash naming the teacher's weights: file contents for folders, name and tag (and library) for the hub."""
     import open_clip
 
     local = Path(name[len("local-dir:"):]) if name.startswith("local-dir:") else Path(name)
     if local.is_dir():
-        return hashlib.sha256(f"{family}|{_files_digest(local)}".encode()).hexdigest()[:16]
+        files = [p for p in local.iterdir() if p.is_file() and p.suffix in _MODEL_FILES]
+        return hashlib.sha256(f"{family}|{files_digest(files, local)}".encode()).hexdigest()[:16]
     return hashlib.sha256(f"{family}|{name}|{pretrained}|open_clip {open_clip.__version__}".encode()).hexdigest()[:16]
 
 

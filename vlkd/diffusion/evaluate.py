@@ -34,11 +34,12 @@ def evaluate_pipeline(pipeline: Any, steps: Sequence[int], config: EvalConfig, r
     from tqdm.auto import tqdm
 
     from vlkd.eval import fid as metrics
+    from vlkd.eval.fidelity import load_judge
     from vlkd.eval.sources import TensorSource, quantize_images
 
     extractors = [metrics.get_extractor(name) for name in config.features]
     if fidelity is not None:
-        prompts, judge = fidelity.captions, fidelity_judge(judge)
+        prompts, judge = fidelity.captions, load_judge(judge)  # loaded once, not per step count
     rows: list[dict[str, Any]] = []
     firsts: dict[int, torch.Tensor] = {}
     for count in steps:
@@ -65,20 +66,11 @@ def evaluate_pipeline(pipeline: Any, steps: Sequence[int], config: EvalConfig, r
     return rows, firsts
 
 
-def fidelity_judge(judge: Any = None) -> Any:
-    """The prompt-fidelity judge (a ClipAdapter, a ``load_clip`` spec, or None: the shipped shapes CLIP teacher) as
-    a loaded ClipAdapter, so that it is loaded once and not once per step count."""
-    from vlkd.eval.fidelity import default_judge
-    from vlkd.eval.zeroshot import ClipAdapter, load_clip
-
-    return judge if isinstance(judge, ClipAdapter) else load_clip(judge or default_judge())
-
-
 def fidelity_fields(images: torch.Tensor, prompts: Any, judge: Any, batch_size: int) -> dict[str, float]:
     """Prompt fidelity of uint8 ``images`` (image i for caption i of the ShapesPrompts ``prompts``) as row fields."""
     from vlkd.eval.fidelity import prompt_fidelity
 
-    result = prompt_fidelity(images, prompts, fidelity_judge(judge), batch_size=batch_size)
+    result = prompt_fidelity(images, prompts, judge, batch_size=batch_size)
     return {key: result[key] for key in ("fidelity", "shape_accuracy", "color_accuracy")}
 
 

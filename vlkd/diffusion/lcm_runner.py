@@ -7,7 +7,6 @@ adapters in diffusers' LoRA format) and, if asked, measured on the data's captio
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 from typing import Any
@@ -77,16 +76,11 @@ def _check_fidelity(recipe: Recipe) -> str:
 
 def _teacher_identity(teacher: Any) -> str:
     """A hash of the files the cached rows depend on: the VAE, text encoder(s) and tokenizer(s) of the teacher."""
-    digest = hashlib.sha256()
-    for part in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
-        folder = teacher.folder / part
-        for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
-            if path.is_file():
-                digest.update(str(path.relative_to(teacher.folder)).encode())
-                with path.open("rb") as handle:
-                    for chunk in iter(lambda: handle.read(1 << 24), b""):
-                        digest.update(chunk)
-    return digest.hexdigest()[:20]
+    from vlkd.files import files_digest
+
+    parts = [teacher.folder / part for part in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")]
+    files = [path for part in parts if part.is_dir() for path in part.rglob("*") if path.is_file()]
+    return files_digest(files, teacher.folder)[:20]
 
 
 def _encoder_cache(recipe: Recipe, teacher: Any, frozen: FrozenTextToImageTeacher, pool: Any) -> tuple[Any, dict]:
@@ -116,7 +110,9 @@ def _encoder_cache(recipe: Recipe, teacher: Any, frozen: FrozenTextToImageTeache
 
 
 def _run(recipe: Recipe, out_dir: str | Path, *, resume: bool, overwrite: bool, lora: bool) -> Path:
-    from vlkd.clip.data import CaptionPool  # a fixed pool of captioned samples, each with its index
+    from vlkd.clip.data import (
+        CaptionPool,  # a fixed pool of captioned samples, each with its index
+    )
     from vlkd.diffusion.evaluate import SampleGrids
     from vlkd.diffusion.text_teacher import load_text_to_image_teacher
     from vlkd.diffusion.workspace import Workspace

@@ -28,6 +28,13 @@ def default_judge() -> str:
     return f"local-dir:{assets_dir() / 'teachers' / 'clip-shapes'}"
 
 
+def load_judge(judge: Any = None) -> Any:
+    """The judge as a loaded ClipAdapter: one given, a ``load_clip`` spec, or None for the shipped shapes CLIP."""
+    from vlkd.eval.zeroshot import ClipAdapter, load_clip
+
+    return judge if isinstance(judge, ClipAdapter) else load_clip(judge or default_judge())
+
+
 @dataclass(frozen=True)
 class ShapesPrompts:
     """The first ``len(captions)`` test captions of ``shapes`` with the shape and colour each one names."""
@@ -60,9 +67,9 @@ def prompt_fidelity(images: Any, prompts: ShapesPrompts, judge: Any = None, *, b
 
     from vlkd.data import build_dataset
     from vlkd.eval.sources import open_source
-    from vlkd.eval.zeroshot import ClipAdapter, load_clip, resolve_templates, zero_shot_classifier
+    from vlkd.eval.zeroshot import resolve_templates, zero_shot_classifier
 
-    clip = judge if isinstance(judge, ClipAdapter) else load_clip(judge or default_judge())
+    clip = load_judge(judge)
     source = open_source(images, num=len(prompts.captions))
     if source.count() != len(prompts.captions):
         raise EvalError(f"{source.count()} images for {len(prompts.captions)} captions; generate one image per caption")
