@@ -78,7 +78,24 @@ def _figures_attention(text: str, source: str) -> list[tuple[str, str]]:
             ("UNet2DConditionModel forward, `auto` vs diffusers' default attention", unet[1])]
 
 
-FIGURES = {"shapes": _figures_shapes, "eval": _figures_eval, "attention": _figures_attention}
+def _figures_clip(text: str, source: str) -> list[tuple[str, str]]:
+    best = _number(r"^- best vlkd configuration: (.+), shape_color ([\d.]+)%\.$", text, source)
+    rivals = [_number(rf"^- beats \({tag}\) {name} by >= [\d.]+ points on shape_color: \*\*\w+\*\* "
+                      r"\(([\d.]+)% vs ([\d.]+)%, ([+-][\d.]+) points\)", text, source)
+              for tag, name in (("b", "scratch"), ("c", "open_clip_train"))]
+    cache = _number(r"^- cached epochs after the first take <= half the first: \*\*\w+\*\* \(first ([\d.]+) s, "
+                    r"later at most ([\d.]+) s = (\d+)%\)", text, source)
+    teacher = _number(r"^\| \(a\) teacher[^|]*\|(?:[^|]*\|){6} ([\d.]+) \|$", text, source)
+    student = _number(rf"^\| {re.escape(best[1])} \|(?:[^|]*\|){{6}} ([\d.]+) \|$", text, source)
+    return [(f"CLIP student, equal CPU time, shape_color top-1: best vlkd ({best[1].removeprefix('(d) ')}) vs "
+             "scratch vs open_clip_train --distill-model", f"{best[2]}% vs {rivals[0][2]}% vs {rivals[1][2]}%"),
+            ("CLIP student vs shapes teacher, image encoding at batch 64",
+             f"{student[1]} vs {teacher[1]} ms ({float(teacher[1]) / float(student[1]):.1f}x faster)"),
+            ("CLIP distillation epoch with cached teacher embeddings, vs the first epoch",
+             f"{cache[2]} vs {cache[1]} s ({cache[3]}%)")]
+
+
+FIGURES = {"shapes": _figures_shapes, "eval": _figures_eval, "attention": _figures_attention, "clip": _figures_clip}
 
 
 def readme_figures(root: Path = REPO) -> str:
