@@ -184,3 +184,11 @@ def test_model_card_says_how_to_sample():
                                     "seconds_per_image": 0.001}]})
     assert "DiffusionPipeline.from_pretrained" in card and "num_inference_steps=4" in card
     assert "| . | 4 | digits-classifier | 1.500 | 1000 |" in card
+
+
+def test_model_card_shows_prompt_fidelity_of_text_to_image_students():
+    row = {"model": ".", "steps": 4, "features": "inception", "fd": 20.0, "num_samples": 1000, "num_reference": 2000,
+           "reference": "shapes:32@test", "seconds_per_image": 0.01}
+    card = model_card({"method": "lcm", "steps": 4, "metrics": [{**row, "fidelity": 0.875}]})
+    assert "prompt fidelity |" in card and "| shapes:32@test (2000) | 0.0100 | 0.875 |" in card
+    assert "prompt fidelity" not in model_card({"method": "lcm", "steps": 4, "metrics": [row]})

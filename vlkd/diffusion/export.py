@@ -192,14 +192,19 @@ def model_card(info: dict[str, Any]) -> str:
         lines += ["The UNet is class-conditional: pass `class_labels=[...]` (one per image) to the pipeline.", ""]
     metrics = info.get("metrics") or []
     if metrics:
-        lines += ["## Measured", "", "| model | steps | features | FD | samples | reference | s/image |",
-                  "|---|---|---|---|---|---|---|"]
+        # Text-to-image students sampled for the shapes test captions also carry their prompt fidelity.
+        faithful = any("fidelity" in row for row in metrics)
+        lines += ["## Measured", "", "| model | steps | features | FD | samples | reference | s/image |"
+                  + (" prompt fidelity |" if faithful else ""), "|---|---|---|---|---|---|---|" + ("---|" * faithful)]
         for row in metrics:
             seconds = row.get("seconds_per_image")
+            fidelity = f" {row['fidelity']:.3f} |" if "fidelity" in row else " - |"
             lines.append(f"| {row.get('model', '.')} | {row['steps']} | {row['features']} | {row['fd']:.3f} | "
                          f"{row['num_samples']} | {row['reference']} ({row.get('num_reference')}) | "
-                         f"{'-' if seconds is None else f'{seconds:.4f}'} |")
-        lines += ["", "FD falls as the sample count grows: compare only values measured at equal counts.", ""]
+                         f"{'-' if seconds is None else f'{seconds:.4f}'} |" + (fidelity if faithful else ""))
+        lines += ["", "FD falls as the sample count grows: compare only values measured at equal counts."
+                  + (" Prompt fidelity: the fraction of images whose shape and colour, judged zero-shot by the "
+                     "shapes CLIP teacher, match their caption." if faithful else ""), ""]
     training = info.get("training") or {}
     if training:
         lines += ["## Training", ""] + [f"- {key}: {_flat(value)}" for key, value in training.items()] + [""]
