@@ -402,3 +402,14 @@ def test_fidelity_eval_samples_the_test_captions_and_records_fidelity(tmp_path, 
             assert 0 <= row[key] <= 1
         assert row["fidelity"] <= min(row["shape_accuracy"], row["color_accuracy"])
     assert "| 1 | digits-classifier |" in (out / "README.md").read_text()  # the card still reads the rows
+
+
+def test_shapes_lcm_student_is_measured_at_the_teachers_chosen_guidance():
+    """The shipped teacher's evaluation chose its guidance scale; the LCM student samples and is judged at it."""
+    import json
+
+    from vlkd.recipes import load_recipe
+
+    recipe_ = load_recipe(REPO / "pipelines" / "lcm-shapes.yaml")
+    chosen = json.loads((REPO / recipe_.teacher / "metrics.json").read_text())["guidance"]["chosen"]
+    assert recipe_.method.guidance_scale == chosen and recipe_.method.w_min <= chosen <= recipe_.method.w_max

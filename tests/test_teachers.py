@@ -12,7 +12,9 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 DDPM = REPO / "assets" / "teachers" / "ddpm-digits"
 CLIP = REPO / "assets" / "teachers" / "clip-shapes"
-MAX_FOLDER_BYTES = 15 * 1024 * 1024
+T2I = REPO / "assets" / "teachers" / "t2i-shapes"
+MAX_FOLDER_BYTES = 15 * 1024 * 1024  # issue 5's cap for the digits DDPM and the shapes CLIP
+MAX_T2I_BYTES = 20 * 1000 * 1000  # issue 7's cap (20 MB) for the text-to-image teacher
 
 
 def run_without_vlkd(code: str) -> str:
@@ -28,9 +30,10 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-@pytest.mark.parametrize("folder", [DDPM, CLIP], ids=["ddpm", "clip"])
-def test_teacher_folders_fit_the_size_cap(folder):
-    assert folder_bytes(folder) <= MAX_FOLDER_BYTES
+@pytest.mark.parametrize("folder,cap", [(DDPM, MAX_FOLDER_BYTES), (CLIP, MAX_FOLDER_BYTES), (T2I, MAX_T2I_BYTES)],
+                         ids=["ddpm", "clip", "t2i"])
+def test_teacher_folders_fit_the_size_cap(folder, cap):
+    assert folder_bytes(folder) <= cap
     assert json.loads((folder / "training.json").read_text())["command"].startswith("python scripts/train_teacher_")
 
 
@@ -104,3 +107,30 @@ def test_ddpm_metrics_table_is_complete_and_meets_the_bar():
     assert fid[64] <= fid[16] + slack and fid[256] <= fid[64] + slack, fid
     card = (DDPM / "README.md").read_text()
     assert "## Measured" in card and "DDIMPipeline.from_pretrained" in card
+
+
+def test_t2i_teacher_samples_with_diffusers_alone():
+    out = run_without_vlkd(f"""
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained({str(T2I)!r})
+pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+images = pipe(["a large red circle in the center"] * 2, num_inference_steps=4, guidance_scale=3.0,
+              generator=torch.Generator().manual_seed(0), output_type="np").images
+assert images.shape == (2, 32, 32, 3), images.shape
+assert 0.0 <= images.min() and images.max() <= 1.0 and images.std() > 0.05
+print("ok")
+""")
+    assert out.strip() == "ok"
+
+
+def test_t2i_metrics_are_complete():
+    metrics = json.loads((T2I / "metrics.json").read_text())
+    rows = {(r["steps"], r["features"]): r for r in metrics["rows"]}
+    assert {(25, "inception"), (4, "inception")} <= set(rows)
+    for row in rows.values():
+        assert row["num_samples"] == 1000 and row["guidance_scale"] == metrics["guidance"]["chosen"]
+        assert 0.0 <= row["fidelity"] <= 1.0 and row["fd"] > 0 and row["seconds_per_image"] > 0
+    assert {r["guidance_scale"] for r in metrics["guidance"]["search"]} >= {1.0, metrics["guidance"]["chosen"]}
+    card = (T2I / "README.md").read_text()
+    assert "## Measured" in card and "StableDiffusionPipeline.from_pretrained" in card
