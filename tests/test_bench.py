@@ -29,26 +29,31 @@ def test_unknown_benchmark_is_one_line(capsys):
     assert "unknown benchmark 'fancy'" in capsys.readouterr().err
 
 
-def test_lcm_memory_benchmark_on_a_tiny_teacher(tmp_path):
-    """scripts/bench_lcm.py with --teacher: each pipeline's run in its own process, after one that fills the
-    encoder cache; the table has a row per pipeline with a positive peak."""
+def _bench_lcm_module():
     import importlib.util
     from pathlib import Path
 
-    from lcm_fixtures import save_teacher
-
-    assert bench.BENCHMARKS["lcm"].quick is None  # it needs a text-to-image teacher folder
-    teacher = save_teacher(tmp_path / "teacher")
     script = Path(__file__).resolve().parent.parent / "scripts" / "bench_lcm.py"
     spec = importlib.util.spec_from_file_location("bench_lcm", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_lcm_memory_benchmark_on_a_tiny_teacher(tmp_path):
+    """scripts/bench_lcm.py with --teacher: each pipeline's run in its own process, after one that fills the
+    encoder cache; the table has a row per pipeline with a positive peak."""
+    from lcm_fixtures import save_teacher
+
+    assert bench.BENCHMARKS["lcm"].quick is None  # it needs a text-to-image teacher folder
+    teacher = save_teacher(tmp_path / "teacher")
+    module = _bench_lcm_module()
     out = tmp_path / "lcm.md"
     module.main(["--teacher", str(teacher), "--steps", "2", "--batch-size", "2", "--pool-size", "32", "--threads",
                  "1", "--out", str(out)])
     text = out.read_text()
     assert f"- command: `python scripts/bench_lcm.py --teacher {teacher} --steps 2" in text
-    assert "a pool of 32 read from a cache filled beforehand" in text
+    assert "a pool of 32 read from a cache filled beforehand" in text and "## Teacher: " in text
     runtime = float(re.search(r"^- runtime alone \(imports, nothing loaded\): ([\d,]+) MiB peak", text,
                               re.MULTILINE)[1].replace(",", ""))
     peaks = {}
@@ -58,3 +63,17 @@ def test_lcm_memory_benchmark_on_a_tiny_teacher(tmp_path):
         peaks[name] = float(row[1].replace(",", ""))
         assert peaks[name] > 0 and float(row[2].replace(",", "")) == pytest.approx(peaks[name] - runtime, abs=1)
     assert re.search(r"^- LCM-LoRA training memory is [\d.]+ of full LCM's", text, re.MULTILINE)
+    (figure, value), = bench.FIGURES["lcm"](text, str(out))  # what the README's table would copy
+    assert "batch 2" in figure and value.startswith(f"{peaks['lcm-lora'] - runtime:,.0f} vs")
+
+
+def test_sd15_architecture_teacher_loads_as_a_text_to_image_teacher(tmp_path):
+    """The memory benchmark's second teacher: SD 1.5's UNet layout (four levels, two ResNets each, cross-attention
+    768) at a width fraction, its text encoder's width, the shipped VAE: vlkd loads it as a teacher."""
+    from vlkd.diffusion.text_teacher import load_text_to_image_teacher
+
+    module = _bench_lcm_module()
+    teacher = load_text_to_image_teacher(module.save_sd15_architecture_teacher(tmp_path / "sd", width=0.1))
+    assert teacher.unet.config.block_out_channels == [32, 64, 128, 128]
+    assert teacher.unet.config.layers_per_block == 2 and teacher.unet.config.cross_attention_dim == 768
+    assert teacher.pipeline.text_encoder.config.hidden_size == 768 and teacher.image_size == 32

@@ -95,7 +95,23 @@ def _figures_clip(text: str, source: str) -> list[tuple[str, str]]:
              f"{cache[2]} vs {cache[1]} s ({cache[3]}%)")]
 
 
-FIGURES = {"shapes": _figures_shapes, "eval": _figures_eval, "attention": _figures_attention, "clip": _figures_clip}
+def _figures_lcm(text: str, source: str) -> list[tuple[str, str]]:
+    figures = []
+    for section in re.split(r"^## ", text, flags=re.MULTILINE)[1:]:
+        title = section.splitlines()[0].removeprefix("Teacher: ")
+        batch = _number(r"^- \d+ optimizer steps at (batch \d+|each recipe's batch size)", section, source)[1]
+        batch = batch.replace("each recipe's batch size", "the recipes' batch")
+        rows = {name: _number(rf"^\| {name} \| [\d,]+ \| (-?[\d,]+) \|", section, source)[1]
+                for name in ("lcm", "lcm-lora")}
+        ratio = _number(r"^- LCM-LoRA training memory is ([\d.]+) of full LCM's", section, source)[1]
+        figures.append((f"LCM-LoRA vs full LCM training memory, {title.split(' (')[0]}, "
+                        f"{batch}",
+                        f"{rows['lcm-lora']} vs {rows['lcm']} MiB ({ratio})"))
+    return figures
+
+
+FIGURES = {"shapes": _figures_shapes, "eval": _figures_eval, "attention": _figures_attention, "clip": _figures_clip,
+           "lcm": _figures_lcm}
 
 
 def readme_figures(root: Path = REPO) -> str:
