@@ -44,6 +44,12 @@ def test_the_frontier_table_is_copied_from_its_benchmark():
     assert (REPO / "benchmarks" / "frontier-inception.png").is_file() and "benchmarks/frontier-inception.png" in README
 
 
+def test_the_lcm_shapes_table_is_copied_from_its_report():
+    table = README.split("<!-- lcm-shapes:start", 1)[1].split("-->", 1)[1].split("<!-- lcm-shapes:end -->", 1)[0]
+    measured = (REPO / "benchmarks" / "lcm-shapes.md").read_text()
+    assert table.count("\n| ") >= 11 and table.strip() in measured
+
+
 def test_recipe_examples_parse(tmp_path):
     examples = [b for b in blocks("yaml") if b.startswith("pipeline:")]
     assert examples

@@ -1,0 +1,105 @@
+"""Quality of the shapes LCM and LCM-LoRA students against their teacher, read from the runs' own evaluations.
+
+    vlkd distill pipelines/lcm-shapes.yaml
+    vlkd distill pipelines/lcm-lora-shapes.yaml
+    python scripts/report_lcm.py          # writes benchmarks/lcm-shapes.md and benchmarks/lcm-shapes.json
+
+Each run's ``vlkd.json`` holds the metrics its ``eval`` section measured: one image per shapes test caption, Inception
+FID against the 2,000 test images, prompt fidelity judged by the shapes CLIP teacher. The teacher's rows come from
+``assets/teachers/t2i-shapes/metrics.json``, which ``scripts/evaluate_teacher.py`` measured with the same captions,
+reference, sample count and seed; this script refuses to compare rows measured differently. The file ends with the
+bars of issue 7, each computed from the rows above it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+from pathlib import Path
+
+from vlkd.files import atomic_file
+
+REPO = Path(__file__).resolve().parent.parent
+TEACHER = REPO / "assets" / "teachers" / "t2i-shapes"
+RUNS = {"LCM": REPO / "runs" / "lcm-shapes", "LCM-LoRA": REPO / "runs" / "lcm-lora-shapes"}
+OUTPUT = REPO / "benchmarks" / "lcm-shapes.md"
+SAME = ("features", "num_samples", "num_reference", "reference")  # what makes two rows comparable
+
+
+def rows_of(name: str, folder: Path) -> tuple[list[dict], dict]:
+    """A student run's metric rows, named, and the facts of its run (steps, minutes, guidance)."""
+    info = json.loads((folder / "vlkd.json").read_text())
+    rows = [{**row, "model": name, "sampler": "LCMScheduler", "guidance_scale": info["guidance_scale"]}
+            for row in info["metrics"]]
+    if not rows or any("fidelity" not in row for row in rows):
+        raise SystemExit(f"{folder}/vlkd.json has no prompt-fidelity rows: run its recipe with eval.fidelity: true")
+    return rows, {"run": str(folder.relative_to(REPO)), **info["training"]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=OUTPUT)
+    args = parser.parse_args(argv)
+
+    metrics = json.loads((TEACHER / "metrics.json").read_text())
+    teacher = {row["steps"]: {**row, "model": "teacher", "sampler": row["sampler"].upper()} for row in metrics["rows"]}
+    students, runs = {}, {}
+    for name, folder in RUNS.items():
+        rows, runs[name] = rows_of(name, folder)
+        students[name] = {row["steps"]: row for row in rows}
+    every = [*teacher.values(), *(row for rows in students.values() for row in rows.values())]
+    for row in every:
+        if any(row[key] != every[0][key] for key in SAME):
+            raise SystemExit(f"{row['model']} at {row['steps']} steps was measured with "
+                             f"{ {key: row[key] for key in SAME} }, the teacher with "
+                             f"{ {key: every[0][key] for key in SAME} }: rerun it with the recipe's eval section")
+
+    best, ddim4 = teacher[25], teacher[4]
+    lcm, lora = students["LCM"][4], students["LCM-LoRA"][4]
+    bars = [
+        ("LCM 4-step prompt fidelity >= 0.9x the teacher's at 25 steps", lcm["fidelity"] >= 0.9 * best["fidelity"],
+         f"{lcm['fidelity']:.3f} vs {0.9 * best['fidelity']:.3f}"),
+        ("LCM 4-step FID <= 1.5x the teacher's at 25 steps", lcm["fd"] <= 1.5 * best["fd"],
+         f"{lcm['fd']:.2f} vs {1.5 * best['fd']:.2f}"),
+        ("LCM 4-step prompt fidelity above the teacher's at 4 DDIM steps", lcm["fidelity"] > ddim4["fidelity"],
+         f"{lcm['fidelity']:.3f} vs {ddim4['fidelity']:.3f}"),
+        ("LCM 4-step FID below the teacher's at 4 DDIM steps", lcm["fd"] < ddim4["fd"],
+         f"{lcm['fd']:.2f} vs {ddim4['fd']:.2f}"),
+        ("LCM-LoRA 4-step prompt fidelity >= 0.8x the teacher's at 25 steps",
+         lora["fidelity"] >= 0.8 * best["fidelity"], f"{lora['fidelity']:.3f} vs {0.8 * best['fidelity']:.3f}"),
+    ]
+
+    lines = [
+        "# Shapes LCM and LCM-LoRA students against their teacher",
+        "",
+        f"- date: {datetime.date.today().isoformat()}",
+        "- command: `python scripts/report_lcm.py` (the rows: each run's own evaluation, and the teacher's metrics.json)",
+        f"- every row: {every[0]['num_samples']:,} images, one per shapes test caption, {every[0]['features']} FID "
+        f"against {every[0]['reference']} ({every[0]['num_reference']:,} images), prompt fidelity judged by "
+        f"{metrics['judge']}",
+    ]
+    lines += [f"- {name}: `{run['run']}`, {run['optimizer_steps']:,} optimizer steps at batch {run['batch_size']}, "
+              f"{run['minutes']:.1f} training minutes" for name, run in runs.items()]
+    lines += ["", "| model | sampler | steps | guidance scale | FID | prompt fidelity | shape | colour | s/image |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in sorted(teacher.values(), key=lambda row: -row["steps"]) + [
+            row for rows in students.values() for _, row in sorted(rows.items())]:
+        lines.append(f"| {row['model']} | {row['sampler']} | {row['steps']} | {row['guidance_scale']:g} | "
+                     f"{row['fd']:.2f} | {row['fidelity']:.3f} | {row['shape_accuracy']:.3f} | "
+                     f"{row['color_accuracy']:.3f} | {row['seconds_per_image']:.4f} |")
+    lines += [""] + [f"- {text}: **{'yes' if met else 'no'}** ({values})" for text, met, values in bars]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(args.out, "w") as handle:
+        handle.write(text)
+    with atomic_file(args.out.with_suffix(".json"), "w") as handle:
+        json.dump({"teacher": list(teacher.values()), "students": {name: list(rows.values())
+                   for name, rows in students.items()}, "runs": runs,
+                   "bars": [{"bar": text, "met": met, "values": values} for text, met, values in bars]},
+                  handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""scripts/report_lcm.py: the shapes LCM students' table against the teacher's metrics.json, with issue 7's bars
+computed from its rows; rows measured differently are refused. And the shipped report's bars are met."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _report_module():
+    spec = importlib.util.spec_from_file_location("report_lcm", REPO / "scripts" / "report_lcm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(folder: Path, fd: float, fidelity: float, num_samples: int = 1000) -> Path:
+    rows = [{"model": ".", "steps": steps, "features": "inception", "fd": fd + 8 - steps, "num_samples": num_samples,
+             "num_reference": 2000, "reference": "shapes:32@test", "seconds_per_image": 0.01 * steps,
+             "fidelity": fidelity, "shape_accuracy": fidelity, "color_accuracy": 1.0} for steps in (1, 2, 4, 8)]
+    folder.mkdir()
+    (folder / "vlkd.json").write_text(json.dumps({
+        "metrics": rows, "guidance_scale": 2.0,
+        "training": {"optimizer_steps": 3600, "batch_size": 64, "minutes": 60.0}}))
+    return folder
+
+
+def test_report_reads_the_runs_and_computes_the_bars(tmp_path, monkeypatch):
+    module = _report_module()
+    monkeypatch.setattr(module, "REPO", tmp_path)
+    teacher = json.loads((module.TEACHER / "metrics.json").read_text())["rows"]
+    best = next(row for row in teacher if row["steps"] == 25)
+    # LCM: FID 4 below 1.5x the teacher's but above its DDIM-4 one; fidelity between the two fidelity bars.
+    monkeypatch.setattr(module, "RUNS", {"LCM": _run(tmp_path / "lcm", best["fd"] * 1.2 - 4, 0.85),
+                                         "LCM-LoRA": _run(tmp_path / "lora", 60.0, 0.8 * best["fidelity"] - 0.01)})
+    out = tmp_path / "lcm-shapes.md"
+    module.main(["--out", str(out)])
+    text = out.read_text()
+    assert text.count("| LCM | LCMScheduler |") == 4 and text.count("| teacher | DDIM |") == 2
+    assert "- LCM 4-step FID <= 1.5x the teacher's at 25 steps: **yes**" in text
+    assert "- LCM 4-step FID below the teacher's at 4 DDIM steps: **no**" in text
+    assert "- LCM 4-step prompt fidelity above the teacher's at 4 DDIM steps: **yes**" in text
+    assert "- LCM-LoRA 4-step prompt fidelity >= 0.8x the teacher's at 25 steps: **no**" in text
+    bars = json.loads(out.with_suffix(".json").read_text())["bars"]
+    assert [bar["met"] for bar in bars] == [True, True, True, False, False]
+
+
+def test_report_refuses_rows_measured_on_fewer_samples(tmp_path, monkeypatch):
+    module = _report_module()
+    monkeypatch.setattr(module, "REPO", tmp_path)
+    monkeypatch.setattr(module, "RUNS", {"LCM": _run(tmp_path / "lcm", 50.0, 0.85, num_samples=300),
+                                         "LCM-LoRA": _run(tmp_path / "lora", 50.0, 0.85)})
+    with pytest.raises(SystemExit, match="LCM at 1 steps was measured with .*'num_samples': 300"):
+        module.main(["--out", str(tmp_path / "out.md")])
+    assert not (tmp_path / "out.md").exists()
+
+
+def test_shipped_lcm_report_is_complete_and_meets_the_quality_bars():
+    """benchmarks/lcm-shapes.json, written by the report from the recipes' runs: both students at 1, 2, 4 and 8
+    steps; the fidelity and FID bars against the teacher's 25 steps are met (beating its 4-step DDIM is not yet:
+    the README's "Not supported yet" says so)."""
+    report = json.loads((REPO / "benchmarks" / "lcm-shapes.json").read_text())
+    assert {name: sorted(row["steps"] for row in rows) for name, rows in report["students"].items()} == {
+        "LCM": [1, 2, 4, 8], "LCM-LoRA": [1, 2, 4, 8]}
+    met = {bar["bar"] for bar in report["bars"] if bar["met"]}
+    assert met >= {"LCM 4-step prompt fidelity >= 0.9x the teacher's at 25 steps",
+                   "LCM 4-step FID <= 1.5x the teacher's at 25 steps",
+                   "LCM-LoRA 4-step prompt fidelity >= 0.8x the teacher's at 25 steps"}
