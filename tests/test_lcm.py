@@ -228,6 +228,7 @@ def test_sdxl_lcm_lora_distills_and_loads_as_its_model_card_says(tmp_path, sdxl_
 
     # The model card's code, run as written (with the folder filled in), gives the exported student.
     card = (out / "README.md").read_text()
+    assert f'pipe(["{info["example_prompt"]}"] * 4' in card and "--prompt 'a " in card  # a training caption
     code = re.search(r"```python\n(.*?)```", card, re.S).group(1).replace("PATH/TO/THIS/FOLDER", str(out))
     assert "pipe.load_lora_weights" in code and "LCMScheduler.from_config" in code
     code = code.replace('images[0].save("sample.png")', "")

@@ -23,6 +23,7 @@ alpha_t the student was trained with.
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +171,7 @@ def model_card(info: dict[str, Any]) -> str:
         "not needed to use it.", "",
         "## Sample", "", "```python", *_sample_code(info), "```", "",
         f"or, with vlkd installed: `vlkd sample PATH/TO/THIS/FOLDER --steps {steps} --num 64 --out grid.png"
-        + (' --prompt "a photo of a cat"`.' if method in ("lcm", "lcm-lora") else "`."), "",
+        + (f" --prompt {shlex.quote(_example_prompt(info))}`." if method in ("lcm", "lcm-lora") else "`."), "",
     ]
     counts = info.get("step_counts") or [steps]
     if method == "progressive":
@@ -211,6 +212,11 @@ def model_card(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _example_prompt(info: dict[str, Any]) -> str:
+    """The caption the model card samples: one of the training data's (older runs: a generic one)."""
+    return info.get("example_prompt", "a photo of a cat")
+
+
 def _sample_code(info: dict[str, Any]) -> list[str]:
     """The Python lines of the model card that load the student and sample it."""
     steps, method = info.get("steps"), info.get("method")
@@ -220,7 +226,7 @@ def _sample_code(info: dict[str, Any]) -> list[str]:
                 'pipe = DiffusionPipeline.from_pretrained("PATH/TO/THIS/FOLDER")',
                 f"images = pipe(batch_size=16, num_inference_steps={steps}, {generator}).images",
                 'images[0].save("sample.png")']
-    call = (f'images = pipe(["a photo of a cat"] * 4, num_inference_steps={steps}, '
+    call = (f"images = pipe([{json.dumps(_example_prompt(info))}] * 4, num_inference_steps={steps}, "
             f"guidance_scale={info.get('guidance_scale', 1.0)}, {generator}).images")
     if method == "lcm":
         return ["import torch", "from diffusers import DiffusionPipeline", "",

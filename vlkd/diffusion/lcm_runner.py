@@ -161,8 +161,9 @@ def _run(recipe: Recipe, out_dir: str | Path, *, resume: bool, overwrite: bool, 
 
         run_dir = work.train_dir(name)
         resumed = bool(list_checkpoints(run_dir))
+        grid_prompts = _captions(dataset, GRID_PROMPTS)
         grids = SampleGrids(work.samples, name, scheduler, step_counts, every=recipe.train.checkpoint_every,
-                            build=build, prompts=_captions(dataset, GRID_PROMPTS), guidance_scale=guidance)
+                            build=build, prompts=grid_prompts, guidance_scale=guidance)
         result = fit(method, student, dataset, recipe.train, run_dir, teacher=frozen, resume=resumed,
                      callbacks=[grids], desc=f"{'LCM-LoRA' if lora else 'latent consistency'} distillation")
         final = result.final_model().eval()
@@ -173,7 +174,8 @@ def _run(recipe: Recipe, out_dir: str | Path, *, resume: bool, overwrite: bool, 
         info = _base_info(recipe, teacher, method_name, max(step_counts), step_counts, prediction, student_export)
         info.update(num_solver_steps=config.num_solver_steps, timestep_scaling=config.timestep_scaling,
                     guidance_scale=guidance, guidance={"w_min": config.w_min, "w_max": config.w_max},
-                    training=_training(recipe.train, started, resumed), cache=cache_info)
+                    training=_training(recipe.train, started, resumed), cache=cache_info,
+                    example_prompt=grid_prompts[0])  # the model card samples a caption of the training data
         if lora:
             info.update(pipeline=type(teacher.pipeline).__name__, base_model=teacher.source,
                         lora={"rank": recipe.student.rank, "alpha": recipe.student.alpha or recipe.student.rank,
