@@ -94,10 +94,10 @@ def distill_command(name: str, out: Path, overrides: list[str]) -> list[str]:
     return command + [part for value in overrides for part in ("--set", value)]
 
 
-def save_sd15_architecture_teacher(folder: Path, width: float = 0.5) -> Path:
+def save_sd15_architecture_teacher(folder: Path, width: float = 0.5) -> tuple[Path, int]:
     """A StableDiffusionPipeline folder with SD 1.5's UNet (channel widths scaled by ``width``) and text encoder
     architectures, random weights, and the shipped t2i-shapes teacher's VAE (32x32 images, 8x8x4 latents),
-    tokenizer and scheduler."""
+    tokenizer and scheduler; and its UNet's parameter count."""
     from diffusers import (
         AutoencoderKL,
         DDPMScheduler,
@@ -127,7 +127,7 @@ def save_sd15_architecture_teacher(folder: Path, width: float = 0.5) -> Path:
         scheduler=DDPMScheduler.from_pretrained(shipped / "scheduler"),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipeline.save_pretrained(folder)
-    return folder
+    return folder, sum(parameter.numel() for parameter in unet.parameters())
 
 
 def measure(teacher: Path | None, steps: int, batch_size: int | None, pool_size: int | None, work: Path,
@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pool-size", type=int, help="training pool, cached (default: each recipe's own)")
     parser.add_argument("--sd-steps", type=int, default=3, help="optimizer steps per run, SD-1.5-architecture case")
     parser.add_argument("--sd-batch-size", type=int, default=8, help="batch size, SD-1.5-architecture case")
+    parser.add_argument("--sd-width", type=float, default=0.5, help="UNet channel widths, a fraction of SD 1.5's")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of each run")
     parser.add_argument("--out", type=Path, default=OUTPUT)
     args = parser.parse_args(argv)
@@ -189,11 +190,12 @@ def main(argv: list[str] | None = None) -> None:
         sections += table(f"Teacher: {name}", rows, f"{args.steps} optimizer steps at {batch}, {pool} {read}")
         if args.teacher is None:
             sd_pool = 32 * args.sd_batch_size
-            teacher = save_sd15_architecture_teacher(work / "sd15-architecture")
+            teacher, parameters = save_sd15_architecture_teacher(work / "sd15-architecture", args.sd_width)
             rows = measure(teacher, args.sd_steps, args.sd_batch_size, sd_pool, work / "sd", env, runtime)
-            sections += table("Teacher: Stable Diffusion 1.5 architecture, half width (220M-parameter UNet, random "
-                              "weights)", rows, f"{args.sd_steps} optimizer steps at batch {args.sd_batch_size}, a "
-                              f"pool of {sd_pool:,} {read}")
+            sections += table(f"Teacher: Stable Diffusion 1.5 architecture, {args.sd_width:g}x its widths "
+                              f"({parameters / 1e6:.0f}M-parameter UNet, random weights)", rows,
+                              f"{args.sd_steps} optimizer steps at batch {args.sd_batch_size}, a pool of {sd_pool:,} "
+                              f"{read}")
 
     command_line = sys.argv[1:] if argv is None else argv
     lines = [

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from script_modules import load_script
 
 from vlkd import bench
 from vlkd.cli import main
@@ -29,17 +30,6 @@ def test_unknown_benchmark_is_one_line(capsys):
     assert "unknown benchmark 'fancy'" in capsys.readouterr().err
 
 
-def _bench_lcm_module():
-    import importlib.util
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_lcm.py"
-    spec = importlib.util.spec_from_file_location("bench_lcm", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_lcm_memory_benchmark_on_a_tiny_teacher(tmp_path):
     """scripts/bench_lcm.py with --teacher: each pipeline's run in its own process, after one that fills the
     encoder cache; the table has a row per pipeline with a positive peak."""
@@ -47,7 +37,7 @@ def test_lcm_memory_benchmark_on_a_tiny_teacher(tmp_path):
 
     assert bench.BENCHMARKS["lcm"].quick is None  # it needs a text-to-image teacher folder
     teacher = save_teacher(tmp_path / "teacher")
-    module = _bench_lcm_module()
+    module = load_script("bench_lcm")
     out = tmp_path / "lcm.md"
     module.main(["--teacher", str(teacher), "--steps", "2", "--batch-size", "2", "--pool-size", "32", "--threads",
                  "1", "--out", str(out)])
@@ -72,8 +62,10 @@ def test_sd15_architecture_teacher_loads_as_a_text_to_image_teacher(tmp_path):
     768) at a width fraction, its text encoder's width, the shipped VAE: vlkd loads it as a teacher."""
     from vlkd.diffusion.text_teacher import load_text_to_image_teacher
 
-    module = _bench_lcm_module()
-    teacher = load_text_to_image_teacher(module.save_sd15_architecture_teacher(tmp_path / "sd", width=0.1))
+    module = load_script("bench_lcm")
+    folder, parameters = module.save_sd15_architecture_teacher(tmp_path / "sd", width=0.1)
+    teacher = load_text_to_image_teacher(folder)
+    assert parameters == sum(parameter.numel() for parameter in teacher.unet.parameters())
     assert teacher.unet.config.block_out_channels == [32, 64, 128, 128]
     assert teacher.unet.config.layers_per_block == 2 and teacher.unet.config.cross_attention_dim == 768
     assert teacher.pipeline.text_encoder.config.hidden_size == 768 and teacher.image_size == 32

@@ -3,22 +3,15 @@ measured rows (FD, prompt fidelity, seconds per image) in metrics.json, and the 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 from lcm_fixtures import save_teacher
+from script_modules import load_script
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("evaluate_teacher", REPO / "scripts" / "evaluate_teacher.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def training_json() -> dict:
@@ -50,7 +43,7 @@ def cache(tmp_path_factory, monkeypatch):
 def test_t2i_mode_writes_the_rows_the_guidance_search_and_the_card(tmp_path, capsys):
     folder = save_teacher(tmp_path / "t2i")
     (folder / "training.json").write_text(json.dumps(training_json()))
-    script = load_script()
+    script = load_script("evaluate_teacher")
     script.main(["t2i", str(folder), "--num", "4", "--num-guidance-search", "3", "--guidance-scales", "1,3",
                  "--features", "digits-classifier", "--threads", "1"])
     metrics = json.loads((folder / "metrics.json").read_text())
@@ -78,7 +71,7 @@ def test_t2i_mode_writes_the_rows_the_guidance_search_and_the_card(tmp_path, cap
 
 
 def test_guidance_choice_prefers_fidelity_then_fd():
-    choose = load_script().choose_guidance
+    choose = load_script("evaluate_teacher").choose_guidance
 
     def row(scale, fidelity, fd):
         return {"guidance_scale": scale, "fidelity": fidelity, "fd": fd, "num_samples": 300}
@@ -92,7 +85,7 @@ def test_guidance_choice_prefers_fidelity_then_fd():
 def test_t2i_table_gives_fidelity_in_percent():
     row = {"steps": 25, "guidance_scale": 3.0, "features": "inception", "fd": 12.345, "fidelity": 0.5,
            "shape_accuracy": 0.75, "color_accuracy": 0.6, "seconds_per_image": 0.1}
-    table = load_script()._t2i_table([row, {**row, "features": "digits-classifier", "fd": 1.0}])
+    table = load_script("evaluate_teacher")._t2i_table([row, {**row, "features": "digits-classifier", "fd": 1.0}])
     assert table.splitlines()[0] == ("| DDIM steps | guidance | FID | FD digits-classifier | fidelity % | shape % | "
                                      "colour % | s/image |")
     assert table.splitlines()[2] == "| 25 | 3 | 12.35 | 1.00 | 50.0 | 75.0 | 60.0 | 0.1000 |"

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from lcm_fixtures import save_teacher
+from script_modules import load_script
 
 from vlkd.cli import main
 from vlkd.rng import sample_seed
@@ -344,17 +345,14 @@ def test_shipped_recipes_parse(name, pipeline, teacher):
 
 @pytest.mark.parametrize("name", ["lcm-shapes", "lcm-lora-shapes"])
 def test_shapes_recipes_fit_the_t2i_teacher_and_its_evaluation(name):
-    """What can be checked before the t2i-shapes teacher ships: the recipe names the folder its training script
-    writes, trains on its data from a cached pool, and measures prompt fidelity at the counts it trains for."""
-    import importlib.util
+    """The recipe names the folder the t2i-shapes training script writes, trains on its data from a cached pool,
+    and measures prompt fidelity at the counts it trains for."""
 
     from vlkd.diffusion.lcm_runner import _check_fidelity
     from vlkd.recipes import load_recipe
 
     recipe_ = load_recipe(REPO / "pipelines" / f"{name}.yaml")
-    spec = importlib.util.spec_from_file_location("train_teacher_t2i", REPO / "scripts" / "train_teacher_t2i.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("train_teacher_t2i")
     assert script.parse_args([]).out == recipe_.teacher
     assert recipe_.data == "shapes:32" and _check_fidelity(recipe_) == "shapes:32"
     assert recipe_.method.pool_size and recipe_.method.cache and recipe_.method.w_max <= 8

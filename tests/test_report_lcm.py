@@ -3,20 +3,13 @@ computed from its rows; rows measured differently are refused. And the shipped r
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from script_modules import load_script
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _report_module():
-    spec = importlib.util.spec_from_file_location("report_lcm", REPO / "scripts" / "report_lcm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _run(folder: Path, fd: float, fidelity: float, num_samples: int = 1000) -> Path:
@@ -31,7 +24,7 @@ def _run(folder: Path, fd: float, fidelity: float, num_samples: int = 1000) -> P
 
 
 def test_report_reads_the_runs_and_computes_the_bars(tmp_path, monkeypatch):
-    module = _report_module()
+    module = load_script("report_lcm")
     monkeypatch.setattr(module, "REPO", tmp_path)
     teacher = json.loads((module.TEACHER / "metrics.json").read_text())["rows"]
     best = next(row for row in teacher if row["steps"] == 25)
@@ -51,7 +44,7 @@ def test_report_reads_the_runs_and_computes_the_bars(tmp_path, monkeypatch):
 
 
 def test_report_refuses_rows_measured_on_fewer_samples(tmp_path, monkeypatch):
-    module = _report_module()
+    module = load_script("report_lcm")
     monkeypatch.setattr(module, "REPO", tmp_path)
     monkeypatch.setattr(module, "RUNS", {"LCM": _run(tmp_path / "lcm", 50.0, 0.85, num_samples=300),
                                          "LCM-LoRA": _run(tmp_path / "lora", 50.0, 0.85)})

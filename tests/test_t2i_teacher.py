@@ -4,7 +4,6 @@ StableDiffusionPipeline folder that samples with diffusers and transformers alon
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from script_modules import load_script
 
 from vlkd.rng import sample_seed
 
@@ -20,13 +20,6 @@ REPO = Path(__file__).resolve().parent.parent
 CLIP = REPO / "assets" / "teachers" / "clip-shapes"
 TINY = ["--vae-channels", "8,16,16", "--unet-channels", "16,32", "--heads", "2", "--vae-batch-size", "4",
         "--batch-size", "4", "--measure-images", "16", "--checkpoint-every", "2", "--threads", "1"]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_teacher_t2i", REPO / "scripts" / "train_teacher_t2i.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def all_shapes_captions() -> list[str]:
@@ -138,7 +131,7 @@ def test_denoising_loss_conditions_on_dropped_captions(converted):
 def test_default_parts_fit_20_megabytes(converted):
     from vlkd.diffusion.t2i_build import build_unet, build_vae
 
-    args = load_script().parse_args([])
+    args = load_script("train_teacher_t2i").parse_args([])
     _, text_encoder, _ = converted
     vae = build_vae(args.size, tuple(int(c) for c in args.vae_channels.split(",")), args.latent_channels)
     unet = build_unet(args.size // 4, tuple(int(c) for c in args.unet_channels.split(",")), 128,
@@ -148,7 +141,7 @@ def test_default_parts_fit_20_megabytes(converted):
 
 
 def test_tiny_run_trains_resumes_and_samples_without_vlkd(tmp_path, capsys):
-    script = load_script()
+    script = load_script("train_teacher_t2i")
     out, run = tmp_path / "t2i", tmp_path / "run"
     # Phase 1's budget is spent at once: it stops at its first checkpoint (step 2 of 6).
     script.main(["--out", str(out), "--run-dir", str(run), "--vae-steps", "6", "--vae-minutes", "0.0001",

@@ -104,8 +104,7 @@ def _figures_lcm(text: str, source: str) -> list[tuple[str, str]]:
         rows = {name: _number(rf"^\| {name} \| [\d,]+ \| (-?[\d,]+) \|", section, source)[1]
                 for name in ("lcm", "lcm-lora")}
         ratio = _number(r"^- LCM-LoRA training memory is ([\d.]+) of full LCM's", section, source)[1]
-        figures.append((f"LCM-LoRA vs full LCM training memory, {title.split(' (')[0]}, "
-                        f"{batch}",
+        figures.append((f"LCM-LoRA vs full LCM training memory, {title.split(' (')[0]}, {batch}",
                         f"{rows['lcm-lora']} vs {rows['lcm']} MiB ({ratio})"))
     return figures
 

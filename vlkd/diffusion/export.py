@@ -213,7 +213,7 @@ def model_card(info: dict[str, Any]) -> str:
 
 
 def _example_prompt(info: dict[str, Any]) -> str:
-    """The caption the model card samples: one of the training data's (older runs: a generic one)."""
+    """The caption the model card samples: the run's recorded training caption, else a generic one."""
     return info.get("example_prompt", "a photo of a cat")
 
 
