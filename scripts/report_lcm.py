@@ -18,7 +18,7 @@ import datetime
 import json
 from pathlib import Path
 
-from vlkd.files import atomic_file
+from vlkd.files import atomic_file, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 TEACHER = REPO / "assets" / "teachers" / "t2i-shapes"
@@ -91,14 +91,11 @@ def main(argv: list[str] | None = None) -> None:
     lines += [""] + [f"- {text}: **{'yes' if met else 'no'}** ({values})" for text, met, values in bars]
     text = "\n".join(lines) + "\n"
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(args.out, "w") as handle:
         handle.write(text)
-    with atomic_file(args.out.with_suffix(".json"), "w") as handle:
-        json.dump({"teacher": list(teacher.values()), "students": {name: list(rows.values())
-                   for name, rows in students.items()}, "runs": runs,
-                   "bars": [{"bar": text, "met": met, "values": values} for text, met, values in bars]},
-                  handle, indent=2)
+    write_json(args.out.with_suffix(".json"), {
+        "teacher": list(teacher.values()), "students": {name: list(rows.values()) for name, rows in students.items()},
+        "runs": runs, "bars": [{"bar": text, "met": met, "values": values} for text, met, values in bars]})
 
 
 if __name__ == "__main__":

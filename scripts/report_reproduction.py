@@ -21,7 +21,7 @@ import datetime
 import json
 from pathlib import Path
 
-from vlkd.files import atomic_file
+from vlkd.files import atomic_file, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = {"classifier": REPO / "assets" / "classifiers" / "digits-classifier",
@@ -36,19 +36,29 @@ def _load(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def classifier_rows(retrained: Path) -> list[dict]:
-    """Test accuracy of the digits classifier (300 held-out digits)."""
+def _training_line(name: str, folder: Path, retrained: Path) -> str:
+    """What a training took, shipped and retrained, as training.json records it."""
+    shipped, new = _load(folder / "training.json"), _load(retrained / "training.json")
+    return (f"{name}: {shipped['training_minutes']:.1f} min shipped ({shipped['machine']}), "
+            f"{new['training_minutes']:.1f} min retrained ({new['machine']})")
+
+
+def compare_classifier(retrained: Path) -> tuple[list[dict], str]:
+    """Test accuracy of the digits classifier (300 held-out digits), and its training time."""
     shipped, new = _load(SHIPPED["classifier"] / "metrics.json"), _load(retrained / "metrics.json")
-    return [{"model": "digits classifier", "figure": f"test accuracy ({shipped['test_images']} digits)",
+    rows = [{"model": "digits classifier", "figure": f"test accuracy ({shipped['test_images']} digits)",
              "shipped": shipped["test_accuracy"], "retrained": new["test_accuracy"], "unit": "%"}]
+    return rows, (f"digits classifier: {shipped['training_seconds']:.0f} s shipped, "
+                  f"{new['training_seconds']:.0f} s retrained")
 
 
-def clip_rows(retrained: Path) -> list[dict]:
-    """Zero-shot top-1 and top-5 of the shapes CLIP teacher on each task."""
+def compare_clip(retrained: Path) -> tuple[list[dict], str]:
+    """Zero-shot top-1 and top-5 of the shapes CLIP teacher on each task, and its training time."""
     shipped, new = _load(SHIPPED["clip"] / "metrics.json"), _load(retrained / "metrics.json")
-    return [{"model": "shapes CLIP", "figure": f"zero-shot {name} {task}", "shipped": shipped["zero_shot"][task][name],
+    rows = [{"model": "shapes CLIP", "figure": f"zero-shot {name} {task}", "shipped": shipped["zero_shot"][task][name],
              "retrained": new["zero_shot"][task][name], "unit": "%"}
             for task in shipped["zero_shot"] for name in ("top1", "top5")]
+    return rows, _training_line("clip", SHIPPED["clip"], retrained)
 
 
 def _fd_key(row: dict) -> tuple:
@@ -56,9 +66,11 @@ def _fd_key(row: dict) -> tuple:
     return row["sampler"].split(" ")[0], row["steps"], row["features"]
 
 
-def ddpm_rows(frontier: Path) -> list[dict]:
-    """Inception FID and digits-classifier FD of the DDPM teacher at every sampler and step count measured both times."""
-    shipped = {_fd_key(row): row for row in _load(SHIPPED["ddpm"] / "metrics.json")["rows"]}
+def compare_ddpm(retrained: Path, frontier: Path) -> tuple[list[dict], str, dict | None]:
+    """Inception FID and digits-classifier FD of the DDPM teacher at every sampler and step count measured both
+    times, its training time, and the shipped teacher's own sampling noise."""
+    metrics = _load(SHIPPED["ddpm"] / "metrics.json")
+    shipped = {_fd_key(row): row for row in metrics["rows"]}
     rows = []
     for row in _load(frontier)["rows"]:
         old = shipped.get(_fd_key(row))
@@ -73,7 +85,7 @@ def ddpm_rows(frontier: Path) -> list[dict]:
                      "shipped": old["fd"], "retrained": row["fd"], "unit": ""})
     if not rows:
         raise SystemExit(f"{frontier} has no teacher row the shipped metrics.json also has")
-    return rows
+    return rows, _training_line("ddpm", SHIPPED["ddpm"], retrained), metrics.get("run_to_run_noise")
 
 
 def _value(value: float, unit: str) -> str:
@@ -83,16 +95,6 @@ def _value(value: float, unit: str) -> str:
 def _difference(row: dict) -> str:
     delta = row["retrained"] - row["shipped"] + 0.0  # no "-0.00"
     return f"{100 * delta:+.2f} points" if row["unit"] == "%" else f"{delta:+.2f} ({delta / row['shipped']:+.1%})"
-
-
-def _training(kind: str, retrained: Path) -> str:
-    """What each training took, as the scripts recorded it."""
-    if kind == "classifier":
-        shipped, new = _load(SHIPPED[kind] / "metrics.json"), _load(retrained / "metrics.json")
-        return f"digits classifier: {shipped['training_seconds']:.0f} s shipped, {new['training_seconds']:.0f} s retrained"
-    shipped, new = _load(SHIPPED[kind] / "training.json"), _load(retrained / "training.json")
-    return (f"{kind}: {shipped['training_minutes']:.1f} min shipped ({shipped['machine']}), "
-            f"{new['training_minutes']:.1f} min retrained ({new['machine']})")
 
 
 def render(rows: list[dict], training: list[str], noise: dict | None) -> str:
@@ -118,28 +120,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=OUTPUT)
     args = parser.parse_args(argv)
 
-    rows, training = [], []
-    if args.classifier:
-        rows += classifier_rows(args.classifier)
-        training.append(_training("classifier", args.classifier))
-    if args.clip:
-        rows += clip_rows(args.clip)
-        training.append(_training("clip", args.clip))
-    noise = None
     if bool(args.ddpm) != bool(args.ddpm_frontier):
         raise SystemExit("--ddpm and --ddpm-frontier go together: the retrained folder and its frontier.json")
+    rows, training, noise = [], [], None
+    for compare, given in ((compare_classifier, args.classifier), (compare_clip, args.clip)):
+        if given:
+            more, line = compare(given)
+            rows, training = rows + more, training + [line]
     if args.ddpm:
-        rows += ddpm_rows(args.ddpm_frontier)
-        training.append(_training("ddpm", args.ddpm))
-        noise = _load(SHIPPED["ddpm"] / "metrics.json").get("run_to_run_noise")
+        more, line, noise = compare_ddpm(args.ddpm, args.ddpm_frontier)
+        rows, training = rows + more, training + [line]
     if not rows:
         raise SystemExit("nothing to compare: pass --classifier, --clip and/or --ddpm")
     text = render(rows, training, noise)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(args.out, "w") as handle:
         handle.write(text)
-    with atomic_file(args.out.with_suffix(".json"), "w") as handle:
-        json.dump({"rows": rows, "training": training, "sampling_noise": noise}, handle, indent=2)
+    write_json(args.out.with_suffix(".json"), {"rows": rows, "training": training, "sampling_noise": noise})
     print(text)
 
 
