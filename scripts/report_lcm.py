@@ -3,6 +3,7 @@
     vlkd distill pipelines/lcm-shapes.yaml
     vlkd distill pipelines/lcm-lora-shapes.yaml
     python scripts/report_lcm.py          # writes benchmarks/lcm-shapes.md and benchmarks/lcm-shapes.json
+    python scripts/report_lcm.py --keep LCM-LoRA   # only the LCM recipe was rerun: LCM-LoRA's rows stay as reported
 
 Each run's ``vlkd.json`` holds the metrics its ``eval`` section measured: one image per shapes test caption, Inception
 FID against the 2,000 test images, prompt fidelity judged by the shapes CLIP teacher. The teacher's rows come from
@@ -40,13 +41,23 @@ def rows_of(name: str, folder: Path) -> tuple[list[dict], dict]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=OUTPUT)
+    parser.add_argument("--keep", choices=sorted(RUNS), action="append", default=[],
+                        help="take this student's rows and run from the report already at --out (its .json) instead "
+                             "of its run folder, when only the other recipe was rerun")
     args = parser.parse_args(argv)
+    earlier_path = args.out.with_suffix(".json")
+    if args.keep and not earlier_path.is_file():
+        raise SystemExit(f"--keep {args.keep[0]}: there is no earlier report {earlier_path} to keep its rows from")
+    earlier = json.loads(earlier_path.read_text()) if args.keep else {}
 
     metrics = json.loads((TEACHER / "metrics.json").read_text())
     teacher = {row["steps"]: {**row, "model": "teacher", "sampler": row["sampler"].upper()} for row in metrics["rows"]}
     students, runs = {}, {}
     for name, folder in RUNS.items():
-        rows, runs[name] = rows_of(name, folder)
+        if name in args.keep:  # measured by the same code in an earlier run; the SAME check below still applies
+            rows, runs[name] = earlier["students"][name], {**earlier["runs"][name], "kept": True}
+        else:
+            rows, runs[name] = rows_of(name, folder)
         students[name] = {row["steps"]: row for row in rows}
     every = [*teacher.values(), *(row for rows in students.values() for row in rows.values())]
     for row in every:
@@ -80,7 +91,9 @@ def main(argv: list[str] | None = None) -> None:
         f"{metrics['judge']}",
     ]
     lines += [f"- {name}: `{run['run']}`, {run['optimizer_steps']:,} optimizer steps at batch {run['batch_size']}, "
-              f"{run['minutes']:.1f} training minutes" for name, run in runs.items()]
+              f"{run['minutes']:.1f} training minutes"
+              + (" (its rows kept from the previous report; that run was not repeated)" if run.get("kept") else "")
+              for name, run in runs.items()]
     lines += ["", "| model | sampler | steps | guidance scale | FID | prompt fidelity | shape | colour | s/image |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in sorted(teacher.values(), key=lambda row: -row["steps"]) + [

@@ -64,3 +64,27 @@ def test_shipped_lcm_report_is_complete_and_meets_the_quality_bars():
     assert met >= {"LCM 4-step prompt fidelity >= 0.9x the teacher's at 25 steps",
                    "LCM 4-step FID <= 1.5x the teacher's at 25 steps",
                    "LCM-LoRA 4-step prompt fidelity >= 0.8x the teacher's at 25 steps"}
+
+
+def test_report_keeps_a_student_from_the_earlier_report(tmp_path, monkeypatch):
+    """--keep LCM-LoRA: only the LCM recipe was rerun; LoRA's rows come from the report already written, marked so,
+    and a missing earlier report is a one-line refusal."""
+    import shutil
+
+    module = load_script("report_lcm")
+    monkeypatch.setattr(module, "REPO", tmp_path)
+    runs = {"LCM": _run(tmp_path / "lcm", 50.0, 0.85), "LCM-LoRA": _run(tmp_path / "lora", 60.0, 0.7)}
+    monkeypatch.setattr(module, "RUNS", runs)
+    out = tmp_path / "lcm-shapes.md"
+    with pytest.raises(SystemExit, match="no earlier report"):
+        module.main(["--out", str(out), "--keep", "LCM-LoRA"])
+    module.main(["--out", str(out)])
+    first = json.loads(out.with_suffix(".json").read_text())
+    shutil.rmtree(runs["LCM-LoRA"])
+    shutil.rmtree(runs["LCM"])
+    _run(tmp_path / "lcm", 40.0, 0.9)  # the rerun
+    module.main(["--out", str(out), "--keep", "LCM-LoRA"])
+    second = json.loads(out.with_suffix(".json").read_text())
+    assert second["students"]["LCM-LoRA"] == first["students"]["LCM-LoRA"]
+    assert [row["fd"] for row in second["students"]["LCM"]] == [47.0, 46.0, 44.0, 40.0]
+    assert "(its rows kept from the previous report; that run was not repeated)" in out.read_text()
