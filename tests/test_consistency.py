@@ -103,3 +103,60 @@ def test_bad_config_is_a_recipe_error():
         ConsistencyConfig(num_solver_steps=10, skip=10)
     with pytest.raises(RecipeError, match="target_ema"):
         ConsistencyConfig(target_ema=1.0)
+
+
+@pytest.mark.parametrize("anchor_below", [259, 999])
+def test_anchored_target_is_the_teachers_grid_solve(monkeypatch, anchor_below):
+    """Pairs at or below the anchor get the teacher's DDIM solve to t = 0 on the grid; the rest the usual target."""
+    import vlkd.diffusion.consistency as cd
+    from vlkd import rng
+
+    sched, student, teacher = schedule(), Random(), GaussianDenoiser(schedule())
+    config = ConsistencyConfig(num_solver_steps=50, loss="l2", anchor_below=anchor_below)
+    method = ConsistencyDistillation(sched, student, config)
+    batch = {"pixel_values": torch.randn(32, 1, 4, 4), "seed": torch.tensor([sample_seed(3, p) for p in range(32)])}
+    seen = {}
+    monkeypatch.setattr(cd, "consistency_loss", lambda prediction, target, *_: seen.setdefault("target", target))
+    method(student, teacher, batch)
+
+    t, t_target = method.training_pair(batch, torch.device("cpu"))
+    z = sched.add_noise(batch["pixel_values"], rng.randn(batch, (1, 4, 4), "noise", torch.device("cpu")), t)
+    anchored = t <= anchor_below
+    assert anchored.any() and (anchored.all() if anchor_below == 999 else not anchored.all())
+    for i in range(32):
+        zi, ti = z[i:i + 1], t[i:i + 1]
+        if anchored[i]:  # DDIM one grid interval (20 timesteps) at a time, the last step from 19 to 0
+            while ti.item() > 0:
+                x0, eps = sched.to_x0_eps(teacher(zi, ti).sample.float(), zi, ti)
+                ti = (ti - 20).clamp(min=0)
+                zi = sched.ddim_step(x0, eps, ti)
+            expected = zi
+        else:
+            with torch.no_grad():
+                z_next = method.teacher_step(teacher, zi, ti, t_target[i:i + 1], None)
+                expected = method.consistency(method.target, z_next, t_target[i:i + 1], None)
+        torch.testing.assert_close(seen["target"][i:i + 1], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_select_samples_picks_rows_of_tensors_and_dataclasses():
+    from dataclasses import dataclass
+
+    from vlkd.diffusion.consistency import select_samples
+
+    @dataclass
+    class Condition:
+        text: torch.Tensor
+        pooled: torch.Tensor | None
+
+    index = torch.tensor([2, 0])
+    picked = select_samples(Condition(torch.arange(12).view(4, 3), None), index)
+    assert picked.pooled is None and picked.text.tolist() == [[6, 7, 8], [0, 1, 2]]
+    assert select_samples(torch.tensor([5, 6, 7]), index).tolist() == [7, 5]
+    assert select_samples(None, index) is None
+    with pytest.raises(TypeError, match="dict"):
+        select_samples({"labels": torch.zeros(3)}, index)
+
+
+def test_negative_anchor_is_a_recipe_error():
+    with pytest.raises(RecipeError, match="anchor_below"):
+        ConsistencyConfig(anchor_below=-5)

@@ -92,3 +92,35 @@ def test_ddim_steps_to_the_next_point_of_its_grid(prediction):
     last = int(ours.timesteps[-1])
     assert torch.allclose(ours.step(output, last, sample).pred_original_sample,
                           ours.step(output, last, sample).prev_sample, atol=1e-5)
+
+
+def test_teacher_rows_are_reused_only_when_comparable_and_rechecked(folders, tmp_path, capsys):
+    """--teacher-rows copies the teacher's rows of an earlier run after measuring its fewest-step point again."""
+    common = ["eval", "frontier", "--teacher", str(folders / "teacher"), "--students", str(folders / "consistency"),
+              "--steps", "1,2", "--num", "8", "--batch-size", "8", "--features", "digits-classifier"]
+    assert main([*common, "--teacher-steps", "4", "--out", str(tmp_path / "first")]) == 0
+    earlier = json.loads((tmp_path / "first" / "frontier.json").read_text())
+    assert main([*common, "--teacher-rows", str(tmp_path / "first" / "frontier.json"),
+                 "--out", str(tmp_path / "second")]) == 0
+    capsys.readouterr()
+    result = json.loads((tmp_path / "second" / "frontier.json").read_text())
+    teacher = [row for row in result["rows"] if row["model"] == "teacher"]
+    assert {(row["sampler"].split(" ")[0], row["steps"]) for row in teacher} == {
+        ("ddim", 1), ("ddim", 2), ("dpm-solver++", 1), ("dpm-solver++", 2)}  # only the points this run asks for
+    assert all(row in earlier["rows"] for row in teacher)
+    recheck = result["teacher_rows"]["recheck"]["ddim-1 digits-classifier"]
+    assert recheck["now"] == pytest.approx(recheck["earlier"], rel=1e-6)
+    assert "taken from an earlier run" in (tmp_path / "second" / "frontier.md").read_text()
+
+    # A teacher figure that the same measurement no longer reproduces, other settings, a missing point: refused.
+    tampered = {**earlier, "rows": [{**row, "fd": row["fd"] * 1.01} if row["model"] == "teacher" else row
+                                    for row in earlier["rows"]]}
+    (tmp_path / "tampered.json").write_text(json.dumps(tampered))
+    for argv, words in [(["--teacher-rows", str(tmp_path / "tampered.json")], "not comparable"),
+                        (["--teacher-rows", str(tmp_path / "first" / "frontier.json"), "--seed", "1"], "seed 0"),
+                        (["--teacher-rows", str(tmp_path / "first" / "frontier.json"), "--teacher-steps", "8"],
+                         "lacks teacher point"),
+                        (["--teacher-rows", str(tmp_path / "nothing.json")], "not a frontier JSON")]:
+        assert main([*common, *argv]) == 2
+        err = capsys.readouterr().err  # the recheck's progress bars come first
+        assert "Traceback" not in err and words in err.strip().splitlines()[-1], err

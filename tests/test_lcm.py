@@ -132,6 +132,41 @@ def test_guidance_embedding_wiring(sd_teacher):
     assert calls == [4]  # guided: the empty prompt and the captions in one doubled batch
 
 
+def test_anchored_lcm_target_is_the_guided_teachers_solve(sd_teacher, monkeypatch):
+    """anchor_below selects each sample's text, w and guidance embedding for the teacher's guided solve to t = 0."""
+    import vlkd.diffusion.consistency as cd
+    from vlkd import rng
+    from vlkd.diffusion.lcm import (
+        FrozenTextToImageTeacher,
+        LatentConsistencyConfig,
+        LatentConsistencyDistillation,
+        lcm_student,
+    )
+    from vlkd.diffusion.text_teacher import load_text_to_image_teacher
+
+    teacher = load_text_to_image_teacher(sd_teacher)
+    student = lcm_student(teacher.unet, 8).eval()
+    config = LatentConsistencyConfig(num_solver_steps=10, w_min=2.0, w_max=6.0, anchor_below=999)
+    method = LatentConsistencyDistillation(teacher.schedule, student, config)
+    frozen, batch = FrozenTextToImageTeacher(teacher), shapes_batch()
+    seen = {}
+    monkeypatch.setattr(cd, "consistency_loss", lambda prediction, target, *_: seen.setdefault("target", target))
+    method(student, frozen, batch)
+
+    latents, condition = method.inputs(frozen, batch)
+    assert condition.w[0] != condition.w[1] and not torch.equal(condition.text[0], condition.text[1])
+    t, _ = method.training_pair(batch, latents.device)
+    z = teacher.schedule.add_noise(latents, rng.randn(batch, latents.shape[1:], "noise", latents.device), t)
+    for i in range(2):  # each sample alone, one grid interval (100 timesteps) at a time
+        zi, ti, ci = z[i:i + 1], t[i:i + 1], cd.select_samples(condition, torch.tensor([i]))
+        with torch.no_grad():
+            while ti.item() > 0:
+                x0, eps = method.teacher_x0_eps(frozen, zi, ti, ci)
+                ti = (ti - 100).clamp(min=0)
+                zi = teacher.schedule.ddim_step(x0, eps, ti)
+        torch.testing.assert_close(seen["target"][i:i + 1], zi, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("targets", [None, ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
                                               "ff.net.2", "conv1", "conv2", "time_emb_proj"]],
                          ids=["attention", "lcm-lora-shapes"])

@@ -7,12 +7,17 @@ pairs are adjacent points of a solver grid of ``num_solver_steps`` timesteps, ``
 the teacher takes one ODE step (DDIM, or Heun) from the higher point, and an EMA copy of the student (the
 target network) maps the result to its x0 estimate; the student must give the same estimate from the higher
 point.
+
+``anchor_below`` replaces that target, for pairs whose higher point is at or below the given timestep, by the
+teacher's own solve on the grid from the higher point to t = 0: the points that multistep sampling ends on
+(timestep 259 of 4 LCMScheduler steps, 499 of 2) are then pinned to the teacher's ODE directly, instead of
+through a chain of EMA targets whose errors add up hop by hop.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -37,6 +42,7 @@ class ConsistencyConfig:
     target_ema: float = 0.95  # decay of the target network (LCM's default)
     timestep_scaling: float = 10.0
     student_steps: list[int] | None = None  # step counts to evaluate and record (default: 1, 2, 4, 8)
+    anchor_below: int | None = None  # pairs with t <= this: target = the teacher's grid solve to t = 0
 
     def __post_init__(self) -> None:
         if self.num_solver_steps < 2:
@@ -45,6 +51,9 @@ class ConsistencyConfig:
             raise RecipeError(f"skip must be in [1, num_solver_steps), got {self.skip}")
         if not 0.0 <= self.target_ema < 1.0:
             raise RecipeError(f"target_ema must be in [0, 1), got {self.target_ema}")
+        if self.anchor_below is not None and self.anchor_below < 0:
+            raise RecipeError(f"anchor_below is a timestep (0 or more), got {self.anchor_below}; leave it out for "
+                              "plain consistency distillation")
 
 
 def boundary_scalings(t: torch.Tensor, timestep_scaling: float = 10.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,6 +77,18 @@ def consistency_loss(prediction: torch.Tensor, target: torch.Tensor, loss: str, 
     if loss == "l2":
         return {"cd_l2": (difference**2).mean()}
     return {"cd_huber": ((difference**2 + huber_c**2).sqrt() - huber_c).mean()}
+
+
+def select_samples(condition: Any, index: torch.Tensor) -> Any:
+    """The rows ``index`` of a batch's condition: None, a tensor, or a dataclass of those (LCM's GuidedCondition)."""
+    if condition is None:
+        return None
+    if isinstance(condition, torch.Tensor):
+        return condition[index]
+    if is_dataclass(condition):
+        return replace(condition, **{f.name: select_samples(getattr(condition, f.name), index)
+                                     for f in fields(condition)})
+    raise TypeError(f"cannot select samples of a {type(condition).__name__} condition")
 
 
 class ConsistencyDistillation(nn.Module):
@@ -133,6 +154,18 @@ class ConsistencyDistillation(nn.Module):
         y = z / alpha + (sigma_next / alpha_next - sigma / alpha) * (eps + eps_next) / 2
         return alpha_next * y
 
+    def teacher_solve(self, teacher: Any, z: torch.Tensor, t: torch.Tensor, condition: Any) -> torch.Tensor:
+        """The teacher's ODE solve from (z, t) to t = 0 on the solver grid, ``skip`` intervals a step, each sample
+        stepping only while it is above 0."""
+        stride = self.config.skip * (self.schedule.num_train_timesteps // self.config.num_solver_steps)
+        z, t = z.clone(), t.clone()
+        while bool((t > 0).any()):
+            index = (t > 0).nonzero().squeeze(1)
+            t_next = (t[index] - stride).clamp(min=0)
+            z[index] = self.teacher_step(teacher, z[index], t[index], t_next, select_samples(condition, index))
+            t[index] = t_next
+        return z
+
     def training_pair(self, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Per sample, a grid point t_{n+k} and the point t_n the teacher steps to (k = skip; t_n >= 0)."""
         ratio = self.schedule.num_train_timesteps // self.config.num_solver_steps
@@ -148,7 +181,19 @@ class ConsistencyDistillation(nn.Module):
         prediction = self.consistency(student, z, t, condition)
         with torch.no_grad():
             z_target = self.teacher_step(teacher, z, t, t_target, condition)
-            target = self.consistency(self.target_network(student), z_target, t_target, condition)
+            threshold = self.config.anchor_below
+            anchored = t <= threshold if threshold is not None else torch.zeros_like(t, dtype=torch.bool)
+            if not bool(anchored.any()):
+                target = self.consistency(self.target_network(student), z_target, t_target, condition)
+            else:
+                # f(z, 0) = z: the solve's endpoint is the anchored target itself; the target network runs on the rest.
+                target = torch.empty_like(prediction)
+                for index, solve in ((anchored.nonzero().squeeze(1), True), ((~anchored).nonzero().squeeze(1), False)):
+                    if not len(index):
+                        continue
+                    part = (z_target[index], t_target[index], select_samples(condition, index))
+                    target[index] = (self.teacher_solve(teacher, *part) if solve
+                                     else self.consistency(self.target_network(student), *part))
         return consistency_loss(prediction, target, self.config.loss, self.config.huber_c)
 
     @torch.no_grad()

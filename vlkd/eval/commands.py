@@ -87,6 +87,9 @@ def add_eval_commands(subparsers: Any) -> None:
                                "best at 4 steps)")
     frontier.add_argument("--batch-size", type=int, default=250, metavar="B")
     frontier.add_argument("--seed", type=int, default=0)
+    frontier.add_argument("--teacher-rows", metavar="JSON",
+                          help="take the teacher's rows from an earlier frontier.json with the same settings; its "
+                               "fewest-step DDIM point is measured again and must agree to 0.1%%")
     frontier.add_argument("--out", metavar="DIR", help="write frontier.md, frontier.json and one PNG per feature space")
     frontier.set_defaults(func=run_frontier_command)
 
@@ -229,7 +232,8 @@ def run_frontier_command(args: argparse.Namespace) -> int:
     import torch
 
     from vlkd.errors import RecipeError
-    from vlkd.eval.frontier import DPM_SOLVER_CANDIDATES, frontier_plot, frontier_table, run_frontier
+    from vlkd.eval.frontier import (DPM_SOLVER_CANDIDATES, RECHECK_TOLERANCE, frontier_plot, frontier_table,
+                                    run_frontier)
     from vlkd.files import atomic_file, write_json
     from vlkd.recipes import EvalConfig
 
@@ -241,20 +245,31 @@ def run_frontier_command(args: argparse.Namespace) -> int:
     steps, teacher_steps = _counts(args.steps, "--steps"), _counts(args.teacher_steps, "--teacher-steps")
     reference = args.reference or _default_reference(students)
     config = EvalConfig(num_samples=args.num, features=features, batch_size=args.batch_size)
-    rows, solver = run_frontier(args.teacher, students, steps, config, reference, teacher_steps=teacher_steps,
-                                dpm_solver=args.dpm_solver, seed=args.seed)
+    rows, solver, checked = run_frontier(args.teacher, students, steps, config, reference,
+                                         teacher_steps=teacher_steps, dpm_solver=args.dpm_solver, seed=args.seed,
+                                         teacher_rows=args.teacher_rows)
     table = frontier_table(rows)
     print(table)
     if args.out:
         out = Path(args.out)  # files written one by one, atomically: the folder may hold other things
+        reused = ""
+        if checked is not None:
+            figures = "; ".join(f"{point} {pair['now']:.4f} (earlier {pair['earlier']:.4f})"
+                                for point, pair in checked.items())
+            reused = (f" The teacher's rows were taken from an earlier run with the same settings "
+                      f"({args.teacher_rows}); its fewest-step point, measured again in this run, agrees to within "
+                      f"{RECHECK_TOLERANCE:.1%}: {figures}.")
         with atomic_file(out / "frontier.md", "w") as handle:
             handle.write(f"# Quality against sampling steps\n\n{args.num} samples per point against {reference}, "
-                         f"seed {args.seed}; DPM-Solver++ (2M) in its {solver!r} configuration.\n\n{table}\n\n"
+                         f"seed {args.seed}; DPM-Solver++ (2M) in its {solver!r} configuration.{reused}\n\n"
+                         f"{table}\n\n"
                          f"Command: `vlkd {' '.join(sys.argv[1:])}`\n\nMachine: {platform.machine()}, "
                          f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; "
                          f"{datetime.date.today().isoformat()}.\n")
         write_json(out / "frontier.json", {"reference": reference, "num_samples": args.num, "seed": args.seed,
-                                           "dpm_solver": solver, "rows": rows})
+                                           "dpm_solver": solver, "rows": rows,
+                                           **({} if checked is None else {"teacher_rows": {
+                                               "from": args.teacher_rows, "recheck": checked}})})
         for name in features:
             frontier_plot(rows, name, out / f"frontier-{name}.png", title=Path(args.teacher).name)
         print(f"wrote {args.out}")

@@ -189,26 +189,88 @@ def student_points(folder: Path, steps: Sequence[int]) -> list[tuple[Path, int]]
     return [(folder, count) for count in steps if count <= limit]
 
 
+# Relative. The same samples (seeded per sample) through the same feature network differ only by float summation
+# order across thread counts, orders of magnitude below this; a changed teacher or harness moves FIDs far more.
+RECHECK_TOLERANCE = 1e-3
+
+
+def earlier_teacher_rows(path: str | Path, reference: str, config: Any, seed: int, dpm_solver: str,
+                         ddim_steps: Sequence[int], dpm_steps: Sequence[int]) -> list[dict[str, Any]]:
+    """The teacher's rows of an earlier frontier JSON, or an EvalError unless it was measured against the same
+    reference, sample count and seed, with the same DPM-Solver++ configuration, and holds every point needed."""
+    import json
+
+    from vlkd.errors import EvalError
+
+    try:
+        earlier = json.loads(Path(path).read_text())
+        settings = {key: earlier[key] for key in ("reference", "num_samples", "seed", "dpm_solver")}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise EvalError(f"--teacher-rows {path}: not a frontier JSON written by `vlkd eval frontier --out` "
+                        f"({type(exc).__name__}: {exc})") from None
+    wanted = {"reference": reference, "num_samples": config.num_samples, "seed": seed, "dpm_solver": dpm_solver}
+    differing = [f"{key} {settings[key]!r} (now {wanted[key]!r})" for key in wanted if settings[key] != wanted[key]]
+    if differing:
+        raise EvalError(f"--teacher-rows {path} was measured with other settings: {', '.join(differing)}; "
+                        "measure the teacher again (leave --teacher-rows out)")
+    rows = [row for row in earlier["rows"] if row.get("model") == "teacher"]
+    have = {(row["sampler"], row["steps"], row["features"]) for row in rows}
+    needed = [(sampler, count, features) for sampler, counts in (("ddim", ddim_steps),
+                                                                  (f"dpm-solver++ ({dpm_solver})", dpm_steps))
+              for count in counts for features in config.features]
+    missing = [point for point in needed if point not in have]
+    if missing:
+        raise EvalError(f"--teacher-rows {path} lacks teacher point(s) {missing[:3]}; measure the teacher again "
+                        "(leave --teacher-rows out)")
+    return [row for row in rows if (row["sampler"], row["steps"], row["features"]) in set(needed)]
+
+
+def recheck(rows: Sequence[dict[str, Any]], measured: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Earlier and new figures of the re-measured point, or an EvalError if they differ by more than the tolerance:
+    the teacher, the harness or the machine no longer gives the earlier numbers."""
+    from vlkd.errors import EvalError
+
+    earlier = {(row["sampler"], row["steps"], row["features"]): row["fd"] for row in rows}
+    pairs = {f"{key[0]}-{key[1]} {key[2]}": (earlier[key], row["fd"])
+             for row in measured for key in [(row["sampler"], row["steps"], row["features"])]}
+    for point, (before, now) in pairs.items():
+        if abs(now - before) > RECHECK_TOLERANCE * max(abs(before), 1e-12):
+            raise EvalError(f"the teacher's {point} FD is {now:.4f} now but {before:.4f} in the earlier rows; "
+                            "they are not comparable, so measure the teacher again (leave --teacher-rows out)")
+    return {point: {"earlier": before, "now": now} for point, (before, now) in pairs.items()}
+
+
 def run_frontier(teacher: str | Path, students: Sequence[str | Path], steps: Sequence[int], config: Any,
                  reference: str, *, teacher_steps: Sequence[int] = (), dpm_solver: str | None = None,
-                 seed: int = 0) -> tuple[list[dict[str, Any]], str]:
+                 seed: int = 0, teacher_rows: str | Path | None = None
+                 ) -> tuple[list[dict[str, Any]], str, dict[str, Any] | None]:
     """Rows for the teacher under DDIM (trailing) and DPM-Solver++ and for each student, all against
-    ``reference`` with the same sample count and seed; and the name of the DPM-Solver++ configuration used
-    (``dpm_solver``, else the one recorded with the teacher, else the best at 4 steps among the candidates)."""
+    ``reference`` with the same sample count and seed; the name of the DPM-Solver++ configuration used
+    (``dpm_solver``, else the one recorded with the teacher, else the best at 4 steps among the candidates); and,
+    when the teacher's rows are taken from an earlier frontier JSON (``teacher_rows``), the recheck of its
+    fewest-step DDIM point, measured again (None otherwise)."""
     from vlkd.diffusion.sample import load_pipeline
 
     pipeline = load_pipeline(teacher)
     ddim = with_scheduler(pipeline, ddim_scheduler(pipeline.scheduler.config, timestep_spacing="trailing"))
-    rows = measure(ddim, sorted(set(steps) | set(teacher_steps)), config, reference, model="teacher",
-                   sampler="ddim", seed=seed)
+    ddim_steps = sorted(set(steps) | set(teacher_steps))
     recorded = teacher_dpm_solver(Path(teacher))
     if dpm_solver is None and recorded is None:
         dpm_solver, _ = best_dpm_solver(pipeline, config, reference)
     name = dpm_solver or recorded[0]  # type: ignore[index]
-    solver = with_scheduler(pipeline, dpm_solver_scheduler(pipeline.scheduler.config, **DPM_SOLVER_CANDIDATES[name]))
-    rows += measure(solver, steps, config, reference, model="teacher", sampler=f"dpm-solver++ ({name})", seed=seed)
+    if teacher_rows is not None:
+        rows = earlier_teacher_rows(teacher_rows, reference, config, seed, name, ddim_steps, steps)
+        checked = recheck(rows, measure(ddim, ddim_steps[:1], config, reference, model="teacher", sampler="ddim",
+                                        seed=seed))
+    else:
+        checked = None
+        rows = measure(ddim, ddim_steps, config, reference, model="teacher", sampler="ddim", seed=seed)
+        solver = with_scheduler(pipeline,
+                                dpm_solver_scheduler(pipeline.scheduler.config, **DPM_SOLVER_CANDIDATES[name]))
+        rows += measure(solver, steps, config, reference, model="teacher", sampler=f"dpm-solver++ ({name})",
+                        seed=seed)
     for student in students:
         for folder, count in student_points(Path(student), steps):
             rows += measure(load_pipeline(folder), [count], config, reference, model=Path(student).name,
                             sampler="student", seed=seed)
-    return rows, name
+    return rows, name, checked
