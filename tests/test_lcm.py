@@ -154,7 +154,7 @@ def test_anchored_lcm_target_is_the_guided_teachers_solve(sd_teacher, monkeypatc
     method(student, frozen, batch)
 
     latents, condition = method.inputs(frozen, batch)
-    assert condition.w[0] != condition.w[1] and not torch.equal(condition.text[0], condition.text[1])
+    assert condition.w[0] != condition.w[1]  # a mix-up of the two samples' guidance would show
     t, _ = method.training_pair(batch, latents.device)
     z = teacher.schedule.add_noise(latents, rng.randn(batch, latents.shape[1:], "noise", latents.device), t)
     for i in range(2):  # each sample alone, one grid interval (100 timesteps) at a time
