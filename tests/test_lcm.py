@@ -66,26 +66,35 @@ def one_error_line(capsys):
     return err[0]
 
 
-def test_guidance_embedding_wiring(sd_teacher):
-    """The student sees w through timestep_cond as diffusers' LCM pipeline gives it; w = 1 needs no second pass."""
-    from diffusers import LatentConsistencyModelPipeline
-
-    from vlkd.diffusion.export import consistency_scheduler, text_to_image_pipeline
+def lcm_setup(sd_teacher, **config):
+    """(teacher, guidance-embedded student, LCM method with ``config``, frozen teacher) on the tiny SD teacher."""
     from vlkd.diffusion.lcm import (
         FrozenTextToImageTeacher,
-        GuidedCondition,
         LatentConsistencyConfig,
         LatentConsistencyDistillation,
-        guidance_embedding,
         lcm_student,
     )
     from vlkd.diffusion.text_teacher import load_text_to_image_teacher
 
     teacher = load_text_to_image_teacher(sd_teacher)
     student = lcm_student(teacher.unet, 8).eval()
-    config = LatentConsistencyConfig(num_solver_steps=10, w_min=2.0, w_max=4.0)
-    method = LatentConsistencyDistillation(teacher.schedule, student, config)
-    frozen = FrozenTextToImageTeacher(teacher)
+    method = LatentConsistencyDistillation(teacher.schedule, student, LatentConsistencyConfig(**config))
+    return teacher, student, method, FrozenTextToImageTeacher(teacher)
+
+
+def test_guidance_embedding_wiring(sd_teacher):
+    """The student sees w through timestep_cond as diffusers' LCM pipeline gives it; w = 1 needs no second pass."""
+    from diffusers import LatentConsistencyModelPipeline
+
+    from vlkd.diffusion.export import consistency_scheduler, text_to_image_pipeline
+    from vlkd.diffusion.lcm import (
+        GuidedCondition,
+        LatentConsistencyConfig,
+        LatentConsistencyDistillation,
+        guidance_embedding,
+    )
+
+    teacher, student, method, frozen = lcm_setup(sd_teacher, num_solver_steps=10, w_min=2.0, w_max=4.0)
     batch = shapes_batch()
     latents, condition = method.inputs(frozen, batch)
     assert latents.shape == (2, 4, 8, 8) and condition.w_embedding.shape == (2, 8)
@@ -136,19 +145,10 @@ def test_anchored_lcm_target_is_the_guided_teachers_solve(sd_teacher, monkeypatc
     """anchor_below selects each sample's text, w and guidance embedding for the teacher's guided solve to t = 0."""
     import vlkd.diffusion.consistency as cd
     from vlkd import rng
-    from vlkd.diffusion.lcm import (
-        FrozenTextToImageTeacher,
-        LatentConsistencyConfig,
-        LatentConsistencyDistillation,
-        lcm_student,
-    )
-    from vlkd.diffusion.text_teacher import load_text_to_image_teacher
 
-    teacher = load_text_to_image_teacher(sd_teacher)
-    student = lcm_student(teacher.unet, 8).eval()
-    config = LatentConsistencyConfig(num_solver_steps=10, w_min=2.0, w_max=6.0, anchor_below=999)
-    method = LatentConsistencyDistillation(teacher.schedule, student, config)
-    frozen, batch = FrozenTextToImageTeacher(teacher), shapes_batch()
+    teacher, student, method, frozen = lcm_setup(sd_teacher, num_solver_steps=10, w_min=2.0, w_max=6.0,
+                                                 anchor_below=999)
+    batch = shapes_batch()
     seen = {}
     monkeypatch.setattr(cd, "consistency_loss", lambda prediction, target, *_: seen.setdefault("target", target))
     method(student, frozen, batch)

@@ -214,15 +214,19 @@ def earlier_teacher_rows(path: str | Path, reference: str, config: Any, seed: in
         raise EvalError(f"--teacher-rows {path} was measured with other settings: {', '.join(differing)}; "
                         "measure the teacher again (leave --teacher-rows out)")
     rows = [row for row in earlier["rows"] if row.get("model") == "teacher"]
-    have = {(row["sampler"], row["steps"], row["features"]) for row in rows}
     needed = [(sampler, count, features) for sampler, counts in (("ddim", ddim_steps),
                                                                   (f"dpm-solver++ ({dpm_solver})", dpm_steps))
               for count in counts for features in config.features]
-    missing = [point for point in needed if point not in have]
+    missing = [point for point in needed if point not in {point_key(row) for row in rows}]
     if missing:
         raise EvalError(f"--teacher-rows {path} lacks teacher point(s) {missing[:3]}; measure the teacher again "
                         "(leave --teacher-rows out)")
-    return [row for row in rows if (row["sampler"], row["steps"], row["features"]) in set(needed)]
+    return [row for row in rows if point_key(row) in set(needed)]
+
+
+def point_key(row: dict[str, Any]) -> tuple[str, int, str]:
+    """(sampler, steps, feature space): what identifies one of the teacher's measured figures."""
+    return row["sampler"], row["steps"], row["features"]
 
 
 def recheck(rows: Sequence[dict[str, Any]], measured: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -230,9 +234,8 @@ def recheck(rows: Sequence[dict[str, Any]], measured: Sequence[dict[str, Any]]) 
     the teacher, the harness or the machine no longer gives the earlier numbers."""
     from vlkd.errors import EvalError
 
-    earlier = {(row["sampler"], row["steps"], row["features"]): row["fd"] for row in rows}
-    pairs = {f"{key[0]}-{key[1]} {key[2]}": (earlier[key], row["fd"])
-             for row in measured for key in [(row["sampler"], row["steps"], row["features"])]}
+    earlier = {point_key(row): row["fd"] for row in rows}
+    pairs = {"{}-{} {}".format(*point_key(row)): (earlier[point_key(row)], row["fd"]) for row in measured}
     for point, (before, now) in pairs.items():
         if abs(now - before) > RECHECK_TOLERANCE * max(abs(before), 1e-12):
             raise EvalError(f"the teacher's {point} FD is {now:.4f} now but {before:.4f} in the earlier rows; "
