@@ -105,14 +105,15 @@ def test_bad_config_is_a_recipe_error():
         ConsistencyConfig(target_ema=1.0)
 
 
-@pytest.mark.parametrize("anchor_below", [259, 999])
-def test_anchored_target_is_the_teachers_grid_solve(monkeypatch, anchor_below):
-    """Pairs at or below the anchor get the teacher's DDIM solve to t = 0 on the grid; the rest the usual target."""
+@pytest.mark.parametrize("anchor_below, anchor_skip", [(259, None), (999, None), (519, 3)])
+def test_anchored_target_is_the_teachers_grid_solve(monkeypatch, anchor_below, anchor_skip):
+    """Pairs at or below the anchor get the teacher's one-interval step, then its DDIM solve to t = 0 on the grid
+    (anchor_skip intervals a step); the rest the usual target."""
     import vlkd.diffusion.consistency as cd
     from vlkd import rng
 
     sched, student, teacher = schedule(), Random(), GaussianDenoiser(schedule())
-    config = ConsistencyConfig(num_solver_steps=50, loss="l2", anchor_below=anchor_below)
+    config = ConsistencyConfig(num_solver_steps=50, loss="l2", anchor_below=anchor_below, anchor_skip=anchor_skip)
     method = ConsistencyDistillation(sched, student, config)
     batch = {"pixel_values": torch.randn(32, 1, 4, 4), "seed": torch.tensor([sample_seed(3, p) for p in range(32)])}
     seen = {}
@@ -125,11 +126,13 @@ def test_anchored_target_is_the_teachers_grid_solve(monkeypatch, anchor_below):
     assert anchored.any() and (anchored.all() if anchor_below == 999 else not anchored.all())
     for i in range(32):
         zi, ti = z[i:i + 1], t[i:i + 1]
-        if anchored[i]:  # DDIM one grid interval (20 timesteps) at a time, the last step from 19 to 0
+        if anchored[i]:  # DDIM one grid interval (20 timesteps), then 20 * anchor_skip at a time down to 0
+            stride = 20
             while ti.item() > 0:
                 x0, eps = sched.to_x0_eps(teacher(zi, ti).sample.float(), zi, ti)
-                ti = (ti - 20).clamp(min=0)
+                ti = (ti - stride).clamp(min=0)
                 zi = sched.ddim_step(x0, eps, ti)
+                stride = 20 * (anchor_skip or 1)
             expected = zi
         else:
             with torch.no_grad():
@@ -160,3 +163,5 @@ def test_select_samples_picks_rows_of_tensors_and_dataclasses():
 def test_negative_anchor_is_a_recipe_error():
     with pytest.raises(RecipeError, match="anchor_below"):
         ConsistencyConfig(anchor_below=-5)
+    with pytest.raises(RecipeError, match="anchor_skip must be in"):
+        ConsistencyConfig(anchor_below=519, anchor_skip=0)

@@ -85,6 +85,17 @@ def test_progressive_end_to_end(tmp_path, teacher):
                  "--out", str(out), *TINY]) == 2
 
 
+def test_progressive_round_train_steps_set_each_rounds_length(tmp_path, teacher):
+    out = tmp_path / "student"
+    assert main(["distill", recipe(tmp_path, teacher, "progressive", teacher_steps=8, student_steps=1),
+                 "--out", str(out), *TINY, "--set", "method.round_train_steps=[3,1,2]"]) == 0
+    info = json.loads((out / "vlkd.json").read_text())
+    assert {name: row["optimizer_steps"] for name, row in info["training"].items()} == {
+        "steps-4": 3, "steps-2": 1, "steps-1": 2}
+    lengths = {path.name: len(path.read_text().splitlines()) for path in (out / "training").glob("*.jsonl")}
+    assert lengths == {"steps-4-history.jsonl": 3, "steps-2-history.jsonl": 1, "steps-1-history.jsonl": 2}
+
+
 def test_consistency_end_to_end(tmp_path, teacher):
     out = tmp_path / "student"
     assert main(["distill", recipe(tmp_path, teacher, "consistency", num_solver_steps=10),
@@ -146,6 +157,7 @@ def test_progressive_resumes_from_checkpoints_and_finished_rounds(tmp_path, teac
     ("epsilon-progressive", "epsilon"),
     ("not-halving", "not reachable by halving"),
     ("student-above-teacher", "must be smaller than teacher_steps"),
+    ("round-steps-miscounted", "round_train_steps [2, 2, 2] lists 3 but 4 -> 1 steps takes 2 rounds"),
     ("missing-teacher", "no such folder"),
     ("eval-step-not-a-round", "eval.steps 3"),
     ("unknown-features", "unknown features 'fancy'"),
@@ -177,6 +189,8 @@ def test_bad_inputs_are_one_line_exit_2(tmp_path, teacher, capsys, case, words):
     argv = ["distill", recipe(tmp_path, folder, "progressive", **method), "--out", str(tmp_path / "out"), *TINY]
     if case == "eval-step-not-a-round":
         argv += ["--set", "eval.steps=[3]"]
+    if case == "round-steps-miscounted":
+        argv += ["--set", "method.round_train_steps=[2,2,2]"]
     if case == "unknown-features":
         argv += ["--set", "eval.features=[fancy]"]
     assert main(argv) == 2
@@ -240,8 +254,12 @@ def test_shipped_recipes_parse_and_fit_the_cpu_budget(name):
     path = Path(__file__).resolve().parents[1] / "pipelines" / f"{name}.yaml"
     recipe = load_recipe(path)
     assert recipe.teacher == "assets/teachers/ddpm-digits"
-    rounds = round_steps(recipe.method.teacher_steps, recipe.method.student_steps) if name.startswith("prog") else [1]
+    if name.startswith("prog"):
+        rounds = round_steps(recipe.method.teacher_steps, recipe.method.student_steps)
+        steps = sum(recipe.method.train_steps(index, recipe.train.steps) for index in range(len(rounds)))
+    else:
+        rounds, steps = [1], recipe.train.steps
     assert rounds[-1] == 1  # distilled down to one step
-    minutes = len(rounds) * recipe.train.steps * recipe.train.batch_size * SECONDS_PER_SAMPLE_STEP[name] / 60
+    minutes = steps * recipe.train.batch_size * SECONDS_PER_SAMPLE_STEP[name] / 60
     assert minutes + EVALUATION_MINUTES <= 90
     assert sorted(recipe.eval.steps) == [1, 2, 4, 8] and recipe.eval.num_samples == 1000

@@ -11,7 +11,8 @@ point.
 ``anchor_below`` replaces that target, for pairs whose higher point is at or below the given timestep, by the
 teacher's own solve on the grid from the higher point to t = 0: the points that multistep sampling ends on
 (timestep 259 of 4 LCMScheduler steps, 499 of 2) are then pinned to the teacher's ODE directly, instead of
-through a chain of EMA targets whose errors add up hop by hop.
+through a chain of EMA targets whose errors add up hop by hop. ``anchor_skip`` makes that solve take several
+grid intervals a step, so that an anchor high enough for 2-step sampling stays affordable.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class ConsistencyConfig:
     timestep_scaling: float = 10.0
     student_steps: list[int] | None = None  # step counts to evaluate and record (default: 1, 2, 4, 8)
     anchor_below: int | None = None  # pairs with t <= this: target = the teacher's grid solve to t = 0
+    anchor_skip: int | None = None  # grid intervals a step of that solve (default: skip); coarser is cheaper
 
     def __post_init__(self) -> None:
         if self.num_solver_steps < 2:
@@ -54,6 +56,8 @@ class ConsistencyConfig:
         if self.anchor_below is not None and self.anchor_below < 0:
             raise RecipeError(f"anchor_below is a timestep (0 or more), got {self.anchor_below}; leave it out for "
                               "plain consistency distillation")
+        if self.anchor_skip is not None and not 1 <= self.anchor_skip < self.num_solver_steps:
+            raise RecipeError(f"anchor_skip must be in [1, num_solver_steps), got {self.anchor_skip}")
 
 
 def boundary_scalings(t: torch.Tensor, timestep_scaling: float = 10.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,9 +159,10 @@ class ConsistencyDistillation(nn.Module):
         return alpha_next * y
 
     def teacher_solve(self, teacher: Any, z: torch.Tensor, t: torch.Tensor, condition: Any) -> torch.Tensor:
-        """The teacher's ODE solve from (z, t) to t = 0 on the solver grid, ``skip`` intervals a step, each sample
-        stepping only while it is above 0."""
-        stride = self.config.skip * (self.schedule.num_train_timesteps // self.config.num_solver_steps)
+        """The teacher's ODE solve from (z, t) to t = 0 on the solver grid, ``anchor_skip`` (else ``skip``) intervals
+        a step, each sample stepping only while it is above 0."""
+        intervals = self.config.anchor_skip or self.config.skip
+        stride = intervals * (self.schedule.num_train_timesteps // self.config.num_solver_steps)
         z, t = z.clone(), t.clone()
         while bool((t > 0).any()):
             index = (t > 0).nonzero().squeeze(1)

@@ -133,7 +133,8 @@ def run_progressive(recipe: Recipe, out_dir: str | Path, *, resume: bool = False
         method = ProgressiveDistillation(teacher.schedule, steps, config.weighting, bool(teacher.num_classes),
                                          teacher_prediction=current_prediction, student_prediction=prediction)
         student = copy.deepcopy(current).requires_grad_(True)
-        train = dataclasses.replace(recipe.train, seed=recipe.train.seed + index)  # fresh noise per round
+        train = dataclasses.replace(recipe.train, seed=recipe.train.seed + index,  # fresh noise per round
+                                    steps=config.train_steps(index, recipe.train.steps))
         run_dir = work.train_dir(name)
         resumed = bool(list_checkpoints(run_dir))
         grids = SampleGrids(work.samples, name, scheduler, [steps], every=train.checkpoint_every)
