@@ -99,13 +99,14 @@ def test_round_steps_and_unreachable_counts():
         round_steps(4, 8)
 
 
-def test_round_train_steps_one_positive_count_per_round():
+def test_round_steps_scale_one_positive_scale_per_round():
     from vlkd.diffusion.progressive import ProgressiveConfig
 
-    config = ProgressiveConfig(teacher_steps=16, student_steps=4, round_train_steps=[300, 900])
-    assert [config.train_steps(index, 1000) for index in range(2)] == [300, 900]
+    config = ProgressiveConfig(teacher_steps=16, student_steps=4, round_steps_scale=[0.3, 2.4])
+    assert [config.train_steps(index, 1000) for index in range(2)] == [300, 2400]
+    assert [config.train_steps(index, 1) for index in range(2)] == [1, 2]  # never below one step
     assert ProgressiveConfig(teacher_steps=16, student_steps=4).train_steps(1, 1000) == 1000
-    with pytest.raises(RecipeError, match=r"\[300\] lists 1 but 16 -> 4 steps takes 2 rounds"):
-        ProgressiveConfig(teacher_steps=16, student_steps=4, round_train_steps=[300])
-    with pytest.raises(RecipeError, match="every round needs at least one step"):
-        ProgressiveConfig(teacher_steps=16, student_steps=4, round_train_steps=[300, 0])
+    with pytest.raises(RecipeError, match=r"\[0.3\] lists 1 but 16 -> 4 steps takes 2 rounds"):
+        ProgressiveConfig(teacher_steps=16, student_steps=4, round_steps_scale=[0.3])
+    with pytest.raises(RecipeError, match="every scale must be above 0"):
+        ProgressiveConfig(teacher_steps=16, student_steps=4, round_steps_scale=[0.3, 0.0])

@@ -28,22 +28,23 @@ class ProgressiveConfig:
     student_steps: int = 1  # the step count of the final student
     weighting: Literal["snr_trunc", "snr_plus_one"] = "snr_trunc"  # max(SNR, 1) on x-error, or v-loss
     eval_every_round: bool = True
-    # optimizer steps of each round, first round first; empty: train.steps every round. The rounds differ in how
-    # much they lose (on digits 16 -> 8 costs little, 8 -> 4 the most), so a fixed budget is spent where it pays.
-    round_train_steps: list[int] = field(default_factory=list)
+    # train.steps is scaled by these, one per round, first round first (empty: every round train.steps). The rounds
+    # differ in how much they lose (on digits 16 -> 8 costs little, 8 -> 4 the most), so a budget is better spent
+    # unevenly; scales rather than counts keep `--set train.steps=N` shortening or lengthening every round.
+    round_steps_scale: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         rounds = round_steps(self.teacher_steps, self.student_steps)
-        if self.round_train_steps and len(self.round_train_steps) != len(rounds):
-            raise RecipeError(f"round_train_steps {self.round_train_steps} lists {len(self.round_train_steps)} but "
+        if self.round_steps_scale and len(self.round_steps_scale) != len(rounds):
+            raise RecipeError(f"round_steps_scale {self.round_steps_scale} lists {len(self.round_steps_scale)} but "
                               f"{self.teacher_steps} -> {self.student_steps} steps takes {len(rounds)} rounds "
-                              f"({', '.join(map(str, rounds))} steps); give one step count per round")
-        if any(steps < 1 for steps in self.round_train_steps):
-            raise RecipeError(f"round_train_steps {self.round_train_steps}: every round needs at least one step")
+                              f"({', '.join(map(str, rounds))} steps); give one scale per round")
+        if any(scale <= 0 for scale in self.round_steps_scale):
+            raise RecipeError(f"round_steps_scale {self.round_steps_scale}: every scale must be above 0")
 
-    def train_steps(self, index: int, default: int) -> int:
-        """Optimizer steps of round ``index`` (0-based): its round_train_steps entry, else ``default``."""
-        return self.round_train_steps[index] if self.round_train_steps else default
+    def train_steps(self, index: int, steps: int) -> int:
+        """Optimizer steps of round ``index`` (0-based): ``steps`` times its scale, rounded, at least 1."""
+        return max(1, round(steps * self.round_steps_scale[index])) if self.round_steps_scale else steps
 
 
 def round_steps(teacher_steps: int, student_steps: int) -> list[int]:
