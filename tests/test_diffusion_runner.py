@@ -236,12 +236,12 @@ def test_teacher_layouts(tmp_path):
 
 
 # Seconds per optimizer step at batch 64, measured on this project's 2-core machine (2026-12-06). Progressive (two
-# teacher passes, a student pass with its backward): 0.87 to 0.93 s at one thread with each round's evaluation, run
-# side by side with the consistency recipe (86.2 minutes wall in all for 5,600 steps). Anchored consistency (teacher,
-# target and student passes, plus the teacher's coarse solve for pairs below the anchor): 0.81 s alone at two
-# threads over 150 timed steps (1.34 s at one thread side by side, 89.4 minutes for 4,000).
-SECONDS_PER_SAMPLE_STEP = {"progressive-digits": 0.9 / 64, "consistency-digits": 0.81 / 64}
-EVALUATION_MINUTES = 5  # 4 x 1,000 samples, digits-classifier FD: under a minute in all in the 2026-12-06 run
+# teacher passes, a student pass with its backward): 85.4 training minutes for 5,600 steps at one thread, run side
+# by side with the consistency recipe. Anchored consistency (teacher, target and student passes, plus the teacher's
+# coarse solve for pairs below the anchor): 0.81 s alone at two threads over 150 timed steps (1.34 s at one thread
+# side by side, 89.4 minutes for 4,000).
+SECONDS_PER_SAMPLE_STEP = {"progressive-digits": 85.4 * 60 / 5600 / 64, "consistency-digits": 0.81 / 64}
+EVALUATION_MINUTES = 2  # exports and 4 x 1,000 samples with digits-classifier FD: 0.8 minutes for each recipe then
 
 
 @pytest.mark.parametrize("name", ["progressive-digits", "consistency-digits"])

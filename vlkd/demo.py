@@ -28,8 +28,9 @@ REFERENCE = "digits:16@all"
 # every round trains train.steps (its per-round scales are for its own four rounds).
 BUDGETS: dict[str, dict[str, Any]] = {
     "quick": {
-        "progressive": ["method.teacher_steps=8", "method.student_steps=4", "method.round_steps_scale=[]", "train.steps=60",
-                        "train.batch_size=32", "train.warmup_steps=10", "train.checkpoint_every=60"],
+        "progressive": ["method.teacher_steps=8", "method.student_steps=4", "method.round_steps_scale=[]",
+                        "train.steps=60", "train.batch_size=32", "train.warmup_steps=10",
+                        "train.checkpoint_every=60"],
         "consistency": ["train.steps=80", "train.batch_size=32", "train.warmup_steps=10",
                         "train.checkpoint_every=80"],
         "clip": ["train.steps=100", "train.batch_size=128", "train.warmup_steps=10", "method.pool_size=4096",
@@ -38,8 +39,8 @@ BUDGETS: dict[str, dict[str, Any]] = {
     },
     "default": {
         "progressive": ["method.teacher_steps=16", "method.student_steps=4", "method.round_steps_scale=[]",
-                        "train.steps=200",
-                        "train.batch_size=64", "train.warmup_steps=20", "train.checkpoint_every=100"],
+                        "train.steps=200", "train.batch_size=64", "train.warmup_steps=20",
+                        "train.checkpoint_every=100"],
         "consistency": ["train.steps=300", "train.batch_size=64", "train.warmup_steps=30",
                         "train.checkpoint_every=150"],
         "clip": ["train.steps=400", "train.batch_size=256", "train.warmup_steps=40", "method.pool_size=8192",

@@ -217,11 +217,13 @@ def earlier_teacher_rows(path: str | Path, reference: str, config: Any, seed: in
     needed = [(sampler, count, features) for sampler, counts in (("ddim", ddim_steps),
                                                                   (f"dpm-solver++ ({dpm_solver})", dpm_steps))
               for count in counts for features in config.features]
-    missing = [point for point in needed if point not in {point_key(row) for row in rows}]
+    have = {point_key(row) for row in rows}
+    missing = [point for point in needed if point not in have]
     if missing:
         raise EvalError(f"--teacher-rows {path} lacks teacher point(s) {missing[:3]}; measure the teacher again "
                         "(leave --teacher-rows out)")
-    return [row for row in rows if point_key(row) in set(needed)]
+    wanted = set(needed)
+    return [row for row in rows if point_key(row) in wanted]
 
 
 def point_key(row: dict[str, Any]) -> tuple[str, int, str]:
