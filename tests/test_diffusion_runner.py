@@ -235,13 +235,13 @@ def test_teacher_layouts(tmp_path):
         assert not any(p.requires_grad for p in teacher.unet.parameters())
 
 
-# Seconds per optimizer step at batch 64, measured on this project's 2-core machine (2026-12-06). Progressive (two
-# teacher passes, a student pass with its backward): 85.4 training minutes for 5,600 steps at one thread, run side
-# by side with the consistency recipe. Anchored consistency (teacher, target and student passes, plus the teacher's
-# coarse solve for pairs below the anchor): 0.81 s alone at two threads over 150 timed steps (1.34 s at one thread
-# side by side, 89.4 minutes for 4,000).
-SECONDS_PER_SAMPLE_STEP = {"progressive-digits": 85.4 * 60 / 5600 / 64, "consistency-digits": 0.81 / 64}
-EVALUATION_MINUTES = 2  # exports and 4 x 1,000 samples with digits-classifier FD: 0.8 minutes for each recipe then
+# Seconds per optimizer step at batch 64, measured on this project's 2-core machine. Progressive (two teacher
+# passes, a student pass with its backward; 2026-12-06): 85.4 training minutes for 5,600 steps at one thread, run
+# side by side with the consistency recipe. Anchored consistency (teacher, target and student passes, plus the
+# teacher's coarse solve for pairs below the anchor; 2026-12-07): 84.64 training minutes for 5,500 steps, alone at
+# two threads.
+SECONDS_PER_SAMPLE_STEP = {"progressive-digits": 85.4 * 60 / 5600 / 64, "consistency-digits": 84.64 * 60 / 5500 / 64}
+EVALUATION_MINUTES = 2  # exports and 4 x 1,000 samples with digits-classifier FD: 0.8 and 0.5 minutes measured
 
 
 @pytest.mark.parametrize("name", ["progressive-digits", "consistency-digits"])
