@@ -6,7 +6,7 @@ Prints a markdown table and writes it (atomically) to benchmarks/lcm.md.
     python scripts/bench_lcm.py --teacher FOLDER --steps 3 --batch-size 4 --out /tmp/lcm.md   # another teacher
 
 By default it measures two teachers. (1) The shipped t2i-shapes teacher at the recipes' batch of 64: its UNet has
-3.2M parameters (13 MB), so activations dominate and LoRA, whose adapters add activations of their own, saves
+3.1M parameters (12.5 MB), so activations dominate and LoRA, whose adapters add activations of their own, saves
 nothing. (2) A teacher with Stable Diffusion 1.5's UNet and text-encoder architecture (the configs of
 ``runwayml/stable-diffusion-v1-5``, the UNet at half its channel widths so that full LCM's six copies of it fit in this
 machine's memory: 220M parameters) with random weights, on the shipped teacher's VAE and tokenizer, at batch 8: there,
@@ -96,7 +96,7 @@ def distill_command(name: str, out: Path, overrides: list[str]) -> list[str]:
 
 def save_sd15_architecture_teacher(folder: Path, width: float = 0.5) -> tuple[Path, int]:
     """A StableDiffusionPipeline folder with SD 1.5's UNet (channel widths scaled by ``width``) and text encoder
-    architectures, random weights, and the shipped t2i-shapes teacher's VAE (32x32 images, 8x8x4 latents),
+    architectures, random weights, and the shipped t2i-shapes teacher's VAE (32x32 images, 16x16x4 latents),
     tokenizer and scheduler; and its UNet's parameter count."""
     from diffusers import (
         AutoencoderKL,
@@ -107,10 +107,12 @@ def save_sd15_architecture_teacher(folder: Path, width: float = 0.5) -> tuple[Pa
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     shipped = REPO / "assets" / "teachers" / "t2i-shapes"
+    vae = AutoencoderKL.from_pretrained(shipped / "vae")
     torch.manual_seed(0)
-    # runwayml/stable-diffusion-v1-5 unet/config.json, except the widths and sample_size (8x8 latents here).
+    # runwayml/stable-diffusion-v1-5 unet/config.json, except the widths and sample_size (the shipped VAE's latents).
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
+        sample_size=vae.config.sample_size // 2 ** (len(vae.config.block_out_channels) - 1), in_channels=4,
+        out_channels=4, layers_per_block=2,
         block_out_channels=tuple(int(c * width) for c in (320, 640, 1280, 1280)),
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
@@ -123,7 +125,7 @@ def save_sd15_architecture_teacher(folder: Path, width: float = 0.5) -> tuple[Pa
                                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                         pad_token_id=tokenizer.pad_token_id))
     pipeline = StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(shipped / "vae"), text_encoder=text, tokenizer=tokenizer, unet=unet,
+        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
         scheduler=DDPMScheduler.from_pretrained(shipped / "scheduler"),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipeline.save_pretrained(folder)

@@ -11,7 +11,8 @@ CLIP: zero-shot top-1/top-5 on the 2,000 shapes test images per task, tower para
 T2I: the first 1,000 shapes test captions, one image each, sampled with diffusers' DDIMScheduler (trailing spacing)
 at 25 and 4 steps with the guidance scale chosen among ``T2I_GUIDANCE`` at 25 steps (``choose_guidance``, on
 ``--num-guidance-search`` captions); each setting sampled once and measured by Inception FID against all 2,000
-shapes test images, prompt fidelity (``vlkd.eval.fidelity``) and seconds per image.
+shapes test images, prompt fidelity (``vlkd.eval.fidelity``) and seconds per image; the same measures of the VAE's
+reconstructions of the real test images of those captions give the pipeline's ceiling.
 Both files are written atomically; everything else in the folder is left as it is.
 """
 
@@ -246,6 +247,28 @@ def measure_t2i(pipeline: Any, steps: int, guidance_scale: float, prompts: Any, 
     return rows
 
 
+def measure_vae_ceiling(pipeline: Any, prompts: Any, *, extractors: list[Any], reference: str, judge: Any,
+                        batch_size: int = 250) -> list[dict]:
+    """The real shapes test images of ``prompts`` encoded by the pipeline's VAE to their posterior mean and decoded,
+    measured as samples are (one row per feature space): a sampler in this latent space cannot beat its decoder."""
+    from vlkd.data.builtin_shapes import shapes_test_set
+    from vlkd.diffusion.evaluate import fidelity_fields
+    from vlkd.diffusion.t2i_build import vae_reconstructions
+    from vlkd.eval.fid import fid
+    from vlkd.eval.sources import TensorSource
+
+    size = pipeline.vae.config.sample_size
+    pixels = shapes_test_set(size).pixels[:len(prompts.captions)].movedim(-1, -3).float() / 127.5 - 1
+    images = vae_reconstructions(pipeline.vae, pixels, batch_size)
+    faithful = fidelity_fields(images, prompts, judge, batch_size)
+    rows = []
+    for extractor in extractors:
+        result = fid(TensorSource(images), reference, features=extractor, num=len(images), batch_size=batch_size)
+        rows.append({"model": "vae reconstruction", "features": result.extractor, "fd": result.value,
+                     "num_samples": result.num_a, "num_reference": result.num_b, "reference": reference, **faithful})
+    return rows
+
+
 def choose_guidance(search: list[dict]) -> float:
     """The guidance scale of the search row with the lowest FD among those whose prompt fidelity is within one
     binomial standard error of the best: guidance is there to follow the prompt, and among scales that follow it
@@ -283,11 +306,14 @@ def evaluate_t2i(folder: Path, num: int, num_search: int, reference: str, *, sca
         rows += measure_t2i(pipeline, steps, chosen, prompts, extractors=extractors, reference=reference,
                             judge=judge, batch_size=batch_size)
         print(json.dumps(rows[-1]), flush=True)
+    ceiling = measure_vae_ceiling(pipeline, prompts, extractors=extractors, reference=reference, judge=judge,
+                                  batch_size=batch_size)
+    print(json.dumps(ceiling[-1]), flush=True)
     parameters = {part: sum(p.numel() for p in getattr(pipeline, part).parameters()) for part in T2I_PARTS}
     return {
         "reference": f"{reference} (all {rows[0]['num_reference']:,} images)", "num_samples": num, "seed": 0,
         "prompts": f"the first {num:,} shapes test captions (vlkd.eval.fidelity.shapes_prompts), one image each",
-        "judge": judge_name, "rows": rows,
+        "judge": judge_name, "rows": rows, "vae_ceiling": ceiling,
         "guidance": {"chosen": chosen, "steps": T2I_STEPS[0], "num_samples": num_search, "search": search,
                      "rule": "lowest FD among scales whose fidelity is within one binomial standard error of the "
                              "best (scripts/evaluate_teacher.py choose_guidance)"},
@@ -299,8 +325,9 @@ def evaluate_t2i(folder: Path, num: int, num_search: int, reference: str, *, sca
     }
 
 
-def _t2i_table(rows: list[dict]) -> str:
-    """Markdown rows: steps, guidance, FD per feature space, prompt fidelity (both, shape, colour) in %, s/image."""
+def _t2i_table(rows: list[dict], ceiling: list[dict] = ()) -> str:
+    """Markdown rows: steps, guidance, FD per feature space, prompt fidelity (both, shape, colour) in %, s/image;
+    the VAE ceiling rows (``measure_vae_ceiling``) last, as "real latents"."""
     features = list(dict.fromkeys(row["features"] for row in rows))
     header = ["DDIM steps", "guidance", *("FID" if f == "inception" else f"FD {f}" for f in features),
               "fidelity %", "shape %", "colour %", "s/image"]
@@ -315,7 +342,25 @@ def _t2i_table(rows: list[dict]) -> str:
                  *(f"{100 * first[key]:.1f}" for key in ("fidelity", "shape_accuracy", "color_accuracy")),
                  f"{first['seconds_per_image']:.4f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    if ceiling:
+        by_feature = {row["features"]: row for row in ceiling}
+        first = ceiling[0]
+        cells = ["real latents", "-", *(f"{by_feature[f]['fd']:.2f}" if f in by_feature else "-" for f in features),
+                 *(f"{100 * first[key]:.1f}" for key in ("fidelity", "shape_accuracy", "color_accuracy")), "-"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _kept(vae: dict) -> str:
+    """", prompt fidelity of its reconstructions N%" from training.json (absent in folders trained before it)."""
+    kept = vae.get("reconstruction_fidelity")
+    return f", prompt fidelity of its reconstructions {100 * kept['fidelity']:.1f}%" if kept else ""
+
+
+def _attention_levels(unet: dict) -> str:
+    """", down blocks A, B, ..." from training.json (absent in folders trained before it recorded them)."""
+    blocks = unet.get("down_block_types")
+    return f", down blocks {', '.join(blocks)} (and a cross-attention middle)" if blocks else ""
 
 
 def t2i_card(folder: Path, metrics: dict, training: dict) -> str:
@@ -328,11 +373,11 @@ def t2i_card(folder: Path, metrics: dict, training: dict) -> str:
         "| part | class | parameters | what |", "|---|---|---:|---|",
         f"| text encoder | `{text['class']}` | {p['text_encoder']:,} | frozen: {text['from']}; {text['tokenizer']} |",
         f"| VAE | `{vae['class']}` | {p['vae']:,} | channels {vae['block_out_channels']}, latents {latents}, scaling "
-        f"factor {vae['scaling_factor']:.4f}, reconstruction PSNR {vae['reconstruction_psnr_db']} dB "
-        f"({vae['psnr_images']}) |",
+        f"factor {vae['scaling_factor']:.4f}, reconstruction PSNR {vae['reconstruction_psnr_db']} dB"
+        f"{_kept(vae)} ({vae['psnr_images']}) |",
         f"| UNet | `{unet['class']}` | {p['unet']:,} | channels {unet['block_out_channels']}, "
-        f"{unet['layers_per_block']} layer(s) per block, {unet['attention_heads']} attention heads, cross-attention "
-        f"width {unet['cross_attention_dim']} |",
+        f"{unet['layers_per_block']} layer(s) per block{_attention_levels(unet)}, {unet['attention_heads']} "
+        f"attention heads, cross-attention width {unet['cross_attention_dim']} |",
         f"| scheduler | `{scheduler['class']}` | - | {scheduler['num_train_timesteps']} steps, "
         f"{scheduler['prediction_type']}, {scheduler['beta_schedule']} betas {scheduler['beta_start']} to "
         f"{scheduler['beta_end']} |",
@@ -373,7 +418,11 @@ The first {metrics['num_samples']:,} shapes test captions, one image each, sampl
 shape and its colour, each judged zero-shot by {metrics['judge']}, both match its caption; the shape and colour
 columns count each alone. Compare FID only at equal sample counts.
 
-{_t2i_table(metrics['rows'])}
+{_t2i_table(metrics['rows'], metrics.get('vae_ceiling', ()))}
+
+"Real latents" is the ceiling of any sampler of this pipeline: the same {metrics['num_samples']:,} test images, whose
+captions the samples above were drawn for, encoded by the VAE to their posterior mean and decoded. A sample can
+follow its prompt no better than the decoder keeps the shape and colour of a real image.
 
 DDIM uses trailing timestep spacing: its grid starts at t = 999, where sampling starts from pure noise, and because
 25 and 4 divide 1,000, diffusers' step from t to t - 1000 // K lands exactly on the next grid point. The folder's

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 from lcm_fixtures import save_teacher
 from script_modules import load_script
 
@@ -23,7 +25,8 @@ def training_json() -> dict:
                              "tokenizer": "CLIPTokenizer, one token per letter"},
             "vae": {"class": "AutoencoderKL", "block_out_channels": [8, 16, 16], "latent_shape": [4, 8, 8],
                     "loss": "none (random weights)", "batch_size": 4, "optimizer_steps": 0, "scaling_factor": 0.18215,
-                    "reconstruction_psnr_db": 0.0, "psnr_images": "not measured"},
+                    "reconstruction_psnr_db": 0.0, "psnr_images": "not measured",
+                    "reconstruction_fidelity": {"fidelity": 0.1234, "shape_accuracy": 0.2, "color_accuracy": 0.3}},
             "unet": {"class": "UNet2DConditionModel", "block_out_channels": [16, 32], "layers_per_block": 1,
                      "attention_heads": 4, "cross_attention_dim": 32, "optimizer_steps": 0, "batch_size": 4,
                      "lr": 0.0, "lr_schedule": "constant", "ema_decay": None, "caption_dropout": 0.1},
@@ -65,9 +68,39 @@ def test_t2i_mode_writes_the_rows_the_guidance_search_and_the_card(tmp_path, cap
     card = (folder / "README.md").read_text()
     assert "## Measured" in card and "DDIMScheduler.from_config" in card and 'timestep_spacing="trailing"' in card
     assert f"| UNet | `UNet2DConditionModel` | {parameters['unet']:,} |" in card
+    assert "reconstruction PSNR 0.0 dB, prompt fidelity of its reconstructions 12.3% (not measured)" in card
     for row in rows + search:
         line = f"| {row['steps']} | {row['guidance_scale']:g} | {row['fd']:.2f} | {100 * row['fidelity']:.1f} |"
         assert line in card
+    [ceiling] = metrics["vae_ceiling"]
+    assert (ceiling["features"], ceiling["num_samples"], ceiling["num_reference"]) == ("digits-classifier", 4, 2000)
+    assert math.isfinite(ceiling["fd"]) and 0 <= ceiling["fidelity"] <= 1
+    assert f"| real latents | - | {ceiling['fd']:.2f} | {100 * ceiling['fidelity']:.1f} |" in card
+
+
+class IdentityVae(torch.nn.Module):
+    """A VAE whose latents are the images: its reconstructions are the real images themselves."""
+
+    config = SimpleNamespace(sample_size=32)
+
+    def encode(self, x):
+        return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: x))
+
+    def decode(self, z):
+        return SimpleNamespace(sample=z)
+
+
+def test_vae_ceiling_measures_reconstructions_of_the_captions_own_images():
+    """A lossless VAE reaches the judge's accuracy on real images (99.95% shape, 100% colour): every one of the
+    first 8 test images matches its own caption, which fails if images and captions were misaligned."""
+    from vlkd.eval.fidelity import load_judge, shapes_prompts
+
+    script = load_script("evaluate_teacher")
+    prompts = shapes_prompts(8)
+    [row] = script.measure_vae_ceiling(SimpleNamespace(vae=IdentityVae()), prompts, extractors=["digits-classifier"],
+                                       reference="shapes:32@test", judge=load_judge())
+    assert (row["fidelity"], row["shape_accuracy"], row["color_accuracy"]) == (1.0, 1.0, 1.0)
+    assert row["model"] == "vae reconstruction" and row["num_samples"] == 8 and math.isfinite(row["fd"])
 
 
 def test_guidance_choice_prefers_fidelity_then_fd():

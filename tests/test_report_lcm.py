@@ -26,15 +26,26 @@ def _run(folder: Path, fd: float, fidelity: float, num_samples: int = 1000) -> P
 def test_report_reads_the_runs_and_computes_the_bars(tmp_path, monkeypatch):
     module = load_script("report_lcm")
     monkeypatch.setattr(module, "REPO", tmp_path)
-    teacher = json.loads((module.TEACHER / "metrics.json").read_text())["rows"]
+    metrics = json.loads((module.TEACHER / "metrics.json").read_text())
+    teacher = metrics["rows"]
     best = next(row for row in teacher if row["steps"] == 25)
-    # LCM: FID 4 below 1.5x the teacher's but above its DDIM-4 one; fidelity between the two fidelity bars.
-    monkeypatch.setattr(module, "RUNS", {"LCM": _run(tmp_path / "lcm", best["fd"] * 1.2 - 4, 0.85),
+    same = {key: best[key] for key in module.SAME}
+    metrics["vae_ceiling"] = [{"model": "vae reconstruction", **same, "fd": 12.345, "fidelity": 0.9876,
+                               "shape_accuracy": 0.9876, "color_accuracy": 1.0}]
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "metrics.json").write_text(json.dumps(metrics))
+    monkeypatch.setattr(module, "TEACHER", tmp_path / "teacher")
+    ddim4 = next(row for row in teacher if row["steps"] == 4)
+    # LCM: FID 4 below 1.5x the teacher's but above its DDIM-4 one; fidelity above both fidelity bars.
+    above = max(0.9 * best["fidelity"], ddim4["fidelity"])
+    monkeypatch.setattr(module, "RUNS", {"LCM": _run(tmp_path / "lcm", best["fd"] * 1.2 - 4, (above + 1) / 2),
                                          "LCM-LoRA": _run(tmp_path / "lora", 60.0, 0.8 * best["fidelity"] - 0.01)})
     out = tmp_path / "lcm-shapes.md"
     module.main(["--out", str(out)])
     text = out.read_text()
     assert text.count("| LCM | LCMScheduler |") == 4 and text.count("| teacher | DDIM |") == 2
+    assert ("| real latents (VAE reconstructions of the test images) | - | - | - | 12.35 | 0.988 | 0.988 | 1.000 "
+            "| - |") in text
     assert "- LCM 4-step FID <= 1.5x the teacher's at 25 steps: **yes**" in text
     assert "- LCM 4-step FID below the teacher's at 4 DDIM steps: **no**" in text
     assert "- LCM 4-step prompt fidelity above the teacher's at 4 DDIM steps: **yes**" in text

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -128,14 +129,27 @@ def test_denoising_loss_conditions_on_dropped_captions(converted):
     assert 8 <= seen.count("") <= 35 and seen.count("a red circle") == 200 - seen.count("")
 
 
+def test_unet_layout_keeps_attention_off_the_top_level_on_request():
+    from vlkd.diffusion.t2i_build import build_unet
+
+    sd = build_unet(16, (16, 32, 32), 128, heads=2, layers_per_block=1)
+    sdxl = build_unet(16, (16, 32, 32), 128, heads=2, layers_per_block=1, top_attention=False)
+    assert sd.config.down_block_types == ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    assert sdxl.config.down_block_types == ("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    assert sdxl.config.up_block_types == ("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+    assert sdxl.config.mid_block_type == "UNetMidBlock2DCrossAttn"  # the text still reaches the lowest level
+    assert sdxl(torch.randn(2, 4, 16, 16), 10, torch.randn(2, 5, 128)).sample.shape == (2, 4, 16, 16)
+
+
 def test_default_parts_fit_20_megabytes(converted):
     from vlkd.diffusion.t2i_build import build_unet, build_vae
 
     args = load_script("train_teacher_t2i").parse_args([])
     _, text_encoder, _ = converted
     vae = build_vae(args.size, tuple(int(c) for c in args.vae_channels.split(",")), args.latent_channels)
-    unet = build_unet(args.size // 4, tuple(int(c) for c in args.unet_channels.split(",")), 128,
-                      args.latent_channels, args.layers_per_block, args.heads)
+    levels = len(args.vae_channels.split(","))
+    unet = build_unet(args.size // 2 ** (levels - 1), tuple(int(c) for c in args.unet_channels.split(",")), 128,
+                      args.latent_channels, args.layers_per_block, args.heads, args.top_attention)
     count = sum(p.numel() for m in (vae, unet, text_encoder) for p in m.parameters())
     assert 4 * count <= 20e6 * 0.98  # fp32 weights; configs and tokenizer take a few kB
 
@@ -162,6 +176,8 @@ def test_tiny_run_trains_resumes_and_samples_without_vlkd(tmp_path, capsys):
     assert (out / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == vae_weights
     vae = resumed["parts"]["vae"]
     assert vae["scaling_factor"] == pytest.approx(1 / vae["latent_std"]) and vae["reconstruction_psnr_db"] > 0
+    assert set(vae["reconstruction_fidelity"]) == {"fidelity", "shape_accuracy", "color_accuracy"}
+    assert 0 <= vae["reconstruction_fidelity"]["fidelity"] <= vae["reconstruction_fidelity"]["color_accuracy"] <= 1
     saved = json.loads((out / "vae" / "config.json").read_text())["scaling_factor"]
     assert saved == pytest.approx(vae["scaling_factor"]) and saved != 0.18215  # measured, not SD's default
     assert resumed["parts"]["text_encoder"]["max_abs_difference_vs_open_clip"] < 1e-4
@@ -188,3 +204,27 @@ print("ok")
                             cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "ok"
+
+
+def test_reconstruction_psnr_counts_uint8_levels():
+    """A lossless VAE scores infinity; one whose output is one uint8 level off everywhere scores 20 log10(255)."""
+    from types import SimpleNamespace
+
+    from vlkd.diffusion.t2i_build import reconstruction_psnr, vae_reconstructions
+
+    class ShiftVae(torch.nn.Module):
+        def __init__(self, shift: float):
+            super().__init__()
+            self.shift = shift
+
+        def encode(self, x):
+            return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: x))
+
+        def decode(self, z):
+            return SimpleNamespace(sample=z + self.shift)
+
+    pixels = torch.arange(0, 250, dtype=torch.float32).reshape(1, 1, 10, 25).div(127.5).sub(1).expand(3, 3, -1, -1)
+    assert torch.equal(vae_reconstructions(ShiftVae(0.0), pixels, batch_size=2)[:, :, 0, :3],
+                       torch.tensor([0, 1, 2], dtype=torch.uint8).expand(3, 3, 3))
+    assert reconstruction_psnr(ShiftVae(0.0), pixels) == float("inf")
+    assert reconstruction_psnr(ShiftVae(1 / 127.5), pixels, batch_size=2) == pytest.approx(20 * math.log10(255))

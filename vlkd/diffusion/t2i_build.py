@@ -186,12 +186,15 @@ def build_vae(image_size: int, channels: tuple[int, ...], latent_channels: int =
 
 
 def build_unet(latent_size: int, channels: tuple[int, ...], cross_attention_dim: int, latent_channels: int = 4,
-               layers_per_block: int = 2, heads: int = 4):
-    """SD's UNet layout at small size: cross-attention at every level but the lowest, and in the middle."""
+               layers_per_block: int = 2, heads: int = 4, top_attention: bool = True):
+    """SD's UNet layout at small size: cross-attention at every level but the lowest, and in the middle; without
+    ``top_attention``, none at the highest resolution either, as SDXL does (there attention costs most: at 16x16
+    latents it doubles a training step)."""
     from diffusers import UNet2DConditionModel
 
-    down = ("CrossAttnDownBlock2D",) * (len(channels) - 1) + ("DownBlock2D",)
-    up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(channels) - 1)
+    attention = [top_attention] + [True] * (len(channels) - 2) + [False] if len(channels) > 1 else [False]
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention))
     # diffusers reads attention_head_dim as the number of heads (a naming it keeps for compatibility).
     return UNet2DConditionModel(sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
                                 block_out_channels=channels, layers_per_block=layers_per_block,
@@ -296,16 +299,19 @@ def latent_std(vae: nn.Module, pixels: torch.Tensor, generator: torch.Generator,
 
 
 @torch.no_grad()
+def vae_reconstructions(vae: nn.Module, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Posterior-mean reconstructions of ``pixels`` (NCHW in [-1, 1]) as uint8 NCHW images, as samples are saved:
+    what the decoder makes of the latents of real images, so the ceiling of any sampler in its latent space."""
+    from vlkd.eval.sources import quantize_images
+
+    return torch.cat([quantize_images(vae.decode(vae.encode(chunk).latent_dist.mode()).sample)
+                      for chunk in pixels.split(batch_size)])
+
+
 def reconstruction_psnr(vae: nn.Module, pixels: torch.Tensor, batch_size: int = 256) -> float:
     """PSNR in dB of the posterior-mean reconstruction, both images quantised to uint8 as saved images are."""
-    def to_uint8(x: torch.Tensor) -> torch.Tensor:
-        return ((x.clamp(-1, 1) + 1) * 127.5).round()
+    from vlkd.eval.sources import quantize_images
 
-    squared_error, count = 0.0, 0
-    for chunk in pixels.split(batch_size):
-        reconstruction = vae.decode(vae.encode(chunk).latent_dist.mode()).sample
-        difference = (to_uint8(reconstruction) - to_uint8(chunk)).double()
-        squared_error += float(difference.pow(2).sum())
-        count += difference.numel()
-    mse = squared_error / count
+    difference = vae_reconstructions(vae, pixels, batch_size).double() - quantize_images(pixels).double()
+    mse = float(difference.pow(2).mean())
     return float("inf") if mse == 0 else float(10 * torch.log10(torch.tensor(255.0**2 / mse)))
