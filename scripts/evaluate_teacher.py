@@ -12,7 +12,7 @@ T2I: the first 1,000 shapes test captions, one image each, sampled with diffuser
 at 25 and 4 steps with the guidance scale chosen among ``T2I_GUIDANCE`` at 25 steps (``choose_guidance``, on
 ``--num-guidance-search`` captions); each setting sampled once and measured by Inception FID against all 2,000
 shapes test images, prompt fidelity (``vlkd.eval.fidelity``) and seconds per image; the same measures of the VAE's
-reconstructions of the real test images of those captions give the pipeline's ceiling.
+reconstructions of the real test images of those captions show what the decoder alone keeps.
 Both files are written atomically; everything else in the folder is left as it is.
 """
 
@@ -250,7 +250,8 @@ def measure_t2i(pipeline: Any, steps: int, guidance_scale: float, prompts: Any, 
 def measure_vae_ceiling(pipeline: Any, prompts: Any, *, extractors: list[Any], reference: str, judge: Any,
                         batch_size: int = 250) -> list[dict]:
     """The real shapes test images of ``prompts`` encoded by the pipeline's VAE to their posterior mean and decoded,
-    measured as samples are (one row per feature space): a sampler in this latent space cannot beat its decoder."""
+    measured as samples are (one row per feature space): what the decoder, which every sample passes through, makes
+    of real images."""
     from vlkd.data.builtin_shapes import shapes_test_set
     from vlkd.diffusion.evaluate import fidelity_fields
     from vlkd.diffusion.t2i_build import vae_reconstructions
@@ -420,9 +421,10 @@ columns count each alone. Compare FID only at equal sample counts.
 
 {_t2i_table(metrics['rows'], metrics.get('vae_ceiling', ()))}
 
-"Real latents" is the ceiling of any sampler of this pipeline: the same {metrics['num_samples']:,} test images, whose
-captions the samples above were drawn for, encoded by the VAE to their posterior mean and decoded. A sample can
-follow its prompt no better than the decoder keeps the shape and colour of a real image.
+"Real latents" is what the decoder alone keeps: the same {metrics['num_samples']:,} test images whose captions the
+samples above were drawn for, encoded by the VAE to their posterior mean and decoded. Every sample passes through
+that decoder, so a sampler scoring close to this row is limited by the VAE rather than by its steps. It is not a
+strict bound: generated images need not be as varied as real ones, and can score above it.
 
 DDIM uses trailing timestep spacing: its grid starts at t = 999, where sampling starts from pure noise, and because
 25 and 4 divide 1,000, diffusers' step from t to t - 1000 // K lands exactly on the next grid point. The folder's

@@ -9,8 +9,8 @@ Each run's ``vlkd.json`` holds the metrics its ``eval`` section measured: one im
 FID against the 2,000 test images, prompt fidelity judged by the shapes CLIP teacher. The teacher's rows come from
 ``assets/teachers/t2i-shapes/metrics.json``, which ``scripts/evaluate_teacher.py`` measured with the same captions,
 reference, sample count and seed; this script refuses to compare rows measured differently. The last row, "real
-latents", is that file's ceiling: the captions' own test images encoded and decoded by the teacher's VAE, which no
-sampler in its latent space can beat. The file ends with the bars of issue 7, each computed from the rows above it.
+latents", is what the teacher's decoder alone keeps: the captions' own test images encoded and decoded by its
+VAE; every sample passes through that decoder. The file ends with the bars of issue 7, each computed from the rows above it.
 """
 
 from __future__ import annotations

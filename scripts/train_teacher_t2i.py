@@ -7,7 +7,7 @@ StableDiffusionPipeline.from_pretrained loads it with diffusers and transformers
   checked against open_clip on every test caption before training, and frozen;
 - phase 1: an AutoencoderKL (32x32x3 -> 16x16x4) trained on shapes:32 train images (L1 + L2 + a small KL);
   its scaling_factor is 1 / std of posterior samples of 2,000 train images, as SD sets it; its reconstructions
-  of the test images are judged by prompt fidelity (shape and colour kept), the ceiling of the whole pipeline;
+  of the test images are judged by prompt fidelity (shape and colour kept), since every sample passes its decoder;
 - phase 2: a UNet2DConditionModel with cross-attention on the text encoder's last hidden states (at 8x8 and in
   the 4x4 middle; none at 16x16, as SDXL skips its highest resolution), trained with
   SD's objective (epsilon, SD's scaled-linear 1,000-step DDPM betas), 10% of captions dropped to "" for

@@ -301,7 +301,7 @@ def latent_std(vae: nn.Module, pixels: torch.Tensor, generator: torch.Generator,
 @torch.no_grad()
 def vae_reconstructions(vae: nn.Module, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Posterior-mean reconstructions of ``pixels`` (NCHW in [-1, 1]) as uint8 NCHW images, as samples are saved:
-    what the decoder makes of the latents of real images, so the ceiling of any sampler in its latent space."""
+    what the decoder, which every sample passes through, makes of the latents of real images."""
     from vlkd.eval.sources import quantize_images
 
     return torch.cat([quantize_images(vae.decode(vae.encode(chunk).latent_dist.mode()).sample)
