@@ -229,21 +229,31 @@ def measure_t2i(pipeline: Any, steps: int, guidance_scale: float, prompts: Any, 
                 reference: str, judge: Any, batch_size: int = 250) -> list[dict]:
     """One PipelineSource of ``prompts.captions`` (image i from caption i) under DDIM, sampled once: one row per
     feature space with FD against ``reference`` (all of it), prompt fidelity and sampling seconds per image."""
-    from vlkd.diffusion.evaluate import fidelity_fields
-    from vlkd.eval.fid import fid
-    from vlkd.eval.sources import PipelineSource, TensorSource
+    from vlkd.eval.sources import PipelineSource
 
     source = PipelineSource(pipeline, len(prompts.captions), steps=steps, prompts=prompts.captions,
                             guidance_scale=guidance_scale, scheduler=t2i_ddim(pipeline), seed=0, progress=False)
     images = torch.cat(list(source.batches(batch_size)))
+    return measured_rows(images, prompts, {"model": "teacher", "sampler": "ddim", "steps": steps,
+                                           "guidance_scale": guidance_scale}, extractors=extractors,
+                         reference=reference, judge=judge, batch_size=batch_size,
+                         seconds_per_image=source.seconds_per_image)
+
+
+def measured_rows(images: torch.Tensor, prompts: Any, fields: dict, *, extractors: list[Any], reference: str,
+                  judge: Any, batch_size: int, **extra: Any) -> list[dict]:
+    """One row per feature space for uint8 ``images`` (image i for caption i): ``fields``, FD against all of
+    ``reference``, prompt fidelity, then ``extra``."""
+    from vlkd.diffusion.evaluate import fidelity_fields
+    from vlkd.eval.fid import fid
+    from vlkd.eval.sources import TensorSource
+
     faithful = fidelity_fields(images, prompts, judge, batch_size)
     rows = []
     for extractor in extractors:
         result = fid(TensorSource(images), reference, features=extractor, num=len(images), batch_size=batch_size)
-        rows.append({"model": "teacher", "sampler": "ddim", "steps": steps, "guidance_scale": guidance_scale,
-                     "features": result.extractor, "fd": result.value, "num_samples": result.num_a,
-                     "num_reference": result.num_b, "reference": reference,
-                     "seconds_per_image": source.seconds_per_image, **faithful})
+        rows.append({**fields, "features": result.extractor, "fd": result.value, "num_samples": result.num_a,
+                     "num_reference": result.num_b, "reference": reference, **extra, **faithful})
     return rows
 
 
@@ -253,21 +263,13 @@ def measure_vae_ceiling(pipeline: Any, prompts: Any, *, extractors: list[Any], r
     measured as samples are (one row per feature space): what the decoder, which every sample passes through, makes
     of real images."""
     from vlkd.data.builtin_shapes import shapes_test_set
-    from vlkd.diffusion.evaluate import fidelity_fields
     from vlkd.diffusion.t2i_build import vae_reconstructions
-    from vlkd.eval.fid import fid
-    from vlkd.eval.sources import TensorSource
 
     size = pipeline.vae.config.sample_size
     pixels = shapes_test_set(size).pixels[:len(prompts.captions)].movedim(-1, -3).float() / 127.5 - 1
     images = vae_reconstructions(pipeline.vae, pixels, batch_size)
-    faithful = fidelity_fields(images, prompts, judge, batch_size)
-    rows = []
-    for extractor in extractors:
-        result = fid(TensorSource(images), reference, features=extractor, num=len(images), batch_size=batch_size)
-        rows.append({"model": "vae reconstruction", "features": result.extractor, "fd": result.value,
-                     "num_samples": result.num_a, "num_reference": result.num_b, "reference": reference, **faithful})
-    return rows
+    return measured_rows(images, prompts, {"model": "vae reconstruction"}, extractors=extractors,
+                         reference=reference, judge=judge, batch_size=batch_size)
 
 
 def choose_guidance(search: list[dict]) -> float:

@@ -10,7 +10,8 @@ FID against the 2,000 test images, prompt fidelity judged by the shapes CLIP tea
 ``assets/teachers/t2i-shapes/metrics.json``, which ``scripts/evaluate_teacher.py`` measured with the same captions,
 reference, sample count and seed; this script refuses to compare rows measured differently. The last row, "real
 latents", is what the teacher's decoder alone keeps: the captions' own test images encoded and decoded by its
-VAE; every sample passes through that decoder. The file ends with the bars of issue 7, each computed from the rows above it.
+VAE; every sample passes through that decoder. The file ends with the bars of issue 7, each computed from the rows
+above it.
 """
 
 from __future__ import annotations

@@ -191,11 +191,11 @@ def train_vae(args, run_dir: Path, deadline: float) -> tuple[torch.nn.Module, di
     test = build_dataset(f"shapes:{args.size}", split="test")
     count = min(args.measure_images, len(test))
     test_pixels = torch.stack([test[i]["pixel_values"] for i in range(count)])
-    psnr = reconstruction_psnr(vae, test_pixels)
+    reconstructions = vae_reconstructions(vae, test_pixels)
+    psnr = reconstruction_psnr(reconstructions, test_pixels)
     # PSNR is dominated by the flat background; whether a reconstruction keeps the figure's shape and colour is
     # what bounds the pipeline's prompt fidelity (a 31.6 dB VAE kept the shape in only 81% of test images).
-    kept = prompt_fidelity(vae_reconstructions(vae, test_pixels), shapes_prompts(count),
-                           f"local-dir:{args.clip_teacher}")
+    kept = prompt_fidelity(reconstructions, shapes_prompts(count), f"local-dir:{args.clip_teacher}")
     facts = {"optimizer_steps": result.steps, "planned_steps": args.vae_steps, "stopped_by_time_budget": stopped,
              "seconds_per_step": budget.seconds_per_step, "minutes": round((time.time() - start) / 60, 1),
              "final_loss": result.history[-1] if result.history else None, "latent_std": std,

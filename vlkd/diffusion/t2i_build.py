@@ -192,7 +192,8 @@ def build_unet(latent_size: int, channels: tuple[int, ...], cross_attention_dim:
     latents it doubles a training step)."""
     from diffusers import UNet2DConditionModel
 
-    attention = [top_attention] + [True] * (len(channels) - 2) + [False] if len(channels) > 1 else [False]
+    attention = [True] * (len(channels) - 1) + [False]  # per level, highest resolution first
+    attention[0] = attention[0] and top_attention
     down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention)
     up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention))
     # diffusers reads attention_head_dim as the number of heads (a naming it keeps for compatibility).
@@ -308,10 +309,10 @@ def vae_reconstructions(vae: nn.Module, pixels: torch.Tensor, batch_size: int = 
                       for chunk in pixels.split(batch_size)])
 
 
-def reconstruction_psnr(vae: nn.Module, pixels: torch.Tensor, batch_size: int = 256) -> float:
-    """PSNR in dB of the posterior-mean reconstruction, both images quantised to uint8 as saved images are."""
+def reconstruction_psnr(reconstructions: torch.Tensor, pixels: torch.Tensor) -> float:
+    """PSNR in dB of uint8 ``reconstructions`` (``vae_reconstructions``) against ``pixels`` quantised the same way."""
     from vlkd.eval.sources import quantize_images
 
-    difference = vae_reconstructions(vae, pixels, batch_size).double() - quantize_images(pixels).double()
+    difference = reconstructions.double() - quantize_images(pixels).double()
     mse = float(difference.pow(2).mean())
     return float("inf") if mse == 0 else float(10 * torch.log10(torch.tensor(255.0**2 / mse)))
