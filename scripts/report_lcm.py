@@ -40,6 +40,15 @@ def rows_of(name: str, folder: Path) -> tuple[list[dict], dict]:
     return rows, {"run": str(folder.relative_to(REPO)), **info["training"]}
 
 
+def training_time(run: dict) -> str:
+    """A run's training minutes as its vlkd.json records them: all legs of a resumed run, or, where an earlier leg
+    did not record its time, the last leg's alone, said so."""
+    if run["minutes"] is not None:
+        return f"{run['minutes']:.1f} training minutes"
+    return (f"resumed at step {run['resumed_at_step']:,}; {run['minutes_this_process']:.1f} minutes from there to "
+            "the end (the earlier leg did not record its time)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=OUTPUT)
@@ -93,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{metrics['judge']}",
     ]
     lines += [f"- {name}: `{run['run']}`, {run['optimizer_steps']:,} optimizer steps at batch {run['batch_size']}, "
-              f"{run['minutes']:.1f} training minutes"
+              f"{training_time(run)}"
               + (" (its rows kept from the previous report; that run was not repeated)" if run.get("kept") else "")
               for name, run in runs.items()]
     lines += ["", "| model | sampler | steps | guidance scale | FID | prompt fidelity | shape | colour | s/image |",

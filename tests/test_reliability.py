@@ -251,7 +251,7 @@ def test_two_processes_train_what_one_process_trains(tmp_path, ddpm_teacher, cli
     assert len(one_losses) == len(two_losses) == 20
     for a, b in zip(one_losses, two_losses):
         assert a.keys() == b.keys()
-        for key in a:
+        for key in a.keys() - {"seconds"}:  # the training clock is wall time, not a result
             assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
 
 

@@ -12,14 +12,14 @@ from script_modules import load_script
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _run(folder: Path, fd: float, fidelity: float, num_samples: int = 1000) -> Path:
+def _run(folder: Path, fd: float, fidelity: float, num_samples: int = 1000, training: dict | None = None) -> Path:
     rows = [{"model": ".", "steps": steps, "features": "inception", "fd": fd + 8 - steps, "num_samples": num_samples,
              "num_reference": 2000, "reference": "shapes:32@test", "seconds_per_image": 0.01 * steps,
              "fidelity": fidelity, "shape_accuracy": fidelity, "color_accuracy": 1.0} for steps in (1, 2, 4, 8)]
     folder.mkdir()
     (folder / "vlkd.json").write_text(json.dumps({
         "metrics": rows, "guidance_scale": 2.0,
-        "training": {"optimizer_steps": 3600, "batch_size": 64, "minutes": 60.0}}))
+        "training": training or {"optimizer_steps": 3600, "batch_size": 64, "minutes": 60.0}}))
     return folder
 
 
@@ -38,11 +38,17 @@ def test_report_reads_the_runs_and_computes_the_bars(tmp_path, monkeypatch):
     ddim4 = next(row for row in teacher if row["steps"] == 4)
     # LCM: FID 4 below 1.5x the teacher's but above its DDIM-4 one; fidelity above both fidelity bars.
     above = max(0.9 * best["fidelity"], ddim4["fidelity"])
+    resumed = {"optimizer_steps": 3600, "batch_size": 64, "minutes": None, "resumed": True,
+               "resumed_at_step": 1800, "minutes_this_process": 21.5}  # its first leg kept no clock
     monkeypatch.setattr(module, "RUNS", {"LCM": _run(tmp_path / "lcm", best["fd"] * 1.2 - 4, (above + 1) / 2),
-                                         "LCM-LoRA": _run(tmp_path / "lora", 60.0, 0.8 * best["fidelity"] - 0.01)})
+                                         "LCM-LoRA": _run(tmp_path / "lora", 60.0, 0.8 * best["fidelity"] - 0.01,
+                                                          training=resumed)})
     out = tmp_path / "lcm-shapes.md"
     module.main(["--out", str(out)])
     text = out.read_text()
+    assert "- LCM: `lcm`, 3,600 optimizer steps at batch 64, 60.0 training minutes\n" in text
+    assert ("- LCM-LoRA: `lora`, 3,600 optimizer steps at batch 64, resumed at step 1,800; 21.5 minutes from there "
+            "to the end (the earlier leg did not record its time)\n") in text
     assert text.count("| LCM | LCMScheduler |") == 4 and text.count("| teacher | DDIM |") == 2
     assert ("| real latents (VAE reconstructions of the test images) | - | - | - | 12.35 | 0.988 | 0.988 | 1.000 "
             "| - |") in text

@@ -1,5 +1,6 @@
 """The training loop: deterministic data order, resume equal to an uninterrupted run, atomic checkpoints."""
 
+import json
 import math
 
 import pytest
@@ -47,6 +48,21 @@ def test_resume_equals_uninterrupted(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
     assert [h["mse"] for h in straight.history] == pytest.approx([h["mse"] for h in resumed.history], abs=1e-7)
     assert len(resumed.history) == 10
+    # The training clock runs on across the resume: the whole run's time, not the last leg's.
+    seconds = [h["seconds"] for h in resumed.history]
+    assert resumed.resumed_from == 7 and straight.resumed_from == 0
+    assert seconds == sorted(seconds) and resumed.seconds == seconds[-1] >= seconds[6] > 0
+
+
+def test_resume_without_a_recorded_clock_says_unknown(tmp_path):
+    run(tmp_path, 6)
+    last = list_checkpoints(tmp_path)[-1]
+    state = load_checkpoint(last)
+    state["history"] = json.dumps([{k: v for k, v in h.items() if k != "seconds"}
+                                   for h in json.loads(state["history"])])  # as written before the clock existed
+    torch.save(state, last)
+    resumed = run(tmp_path, 8, resume=True)
+    assert resumed.seconds is None and resumed.resumed_from == 6
 
 
 def test_partial_checkpoint_is_never_read(tmp_path):

@@ -18,6 +18,7 @@ import json
 import math
 import random
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -50,12 +51,18 @@ class FitState:
 
 @dataclass
 class FitResult:
-    """The trained student (unwrapped, online weights), its EMA and the loss history."""
+    """The trained student (unwrapped, online weights), its EMA, the loss history and the training clock.
+
+    ``seconds`` is the wall time of all optimizer steps over every leg of a resumed run (checkpoints and callbacks
+    included), None when an earlier leg did not record it; ``resumed_from`` is the step this process started at.
+    """
 
     student: nn.Module
     ema: Any
     history: list[dict] = field(default_factory=list)
     steps: int = 0
+    seconds: float | None = None
+    resumed_from: int = 0
 
     def final_model(self) -> nn.Module:
         """The student with EMA weights copied in when there is an EMA (the weights to export)."""
@@ -294,6 +301,9 @@ def fit(
     loader = DataLoader(positioned, batch_sampler=sampler, collate_fn=collate_fn or default_collate,
                         num_workers=config.num_workers)
     batches = iter(loader)
+    # The clock is carried in the history so that a resumed run reports its whole training time, not its last leg.
+    earlier = history[-1].get("seconds") if history else 0.0
+    clock = time.perf_counter()
 
     def checkpoint(step: int) -> None:
         if accelerator.is_main_process:
@@ -339,6 +349,8 @@ def fit(
             done = step + 1
             losses = {k: accelerator.reduce(v, reduction="mean").item() for k, v in totals.items()}
             record = {"step": done, "loss": sum(losses.values()), **losses, "lr": scheduler.get_last_lr()[0]}
+            if earlier is not None:
+                record["seconds"] = round(earlier + time.perf_counter() - clock, 3)
             history.append(record)
             progress.update(1)
             if done % config.log_every == 0 or done == config.steps:
@@ -354,7 +366,9 @@ def fit(
     if accelerator.is_main_process:
         with atomic_file(run_dir / "history.jsonl", "w") as handle:
             handle.writelines(json.dumps(r) + "\n" for r in history)
-    return FitResult(student=model, ema=ema, history=history, steps=config.steps)
+    seconds = history[-1].get("seconds") if history else None
+    return FitResult(student=model, ema=ema, history=history, steps=config.steps, seconds=seconds,
+                     resumed_from=start_step)
 
 
 def _check_finite(terms: dict, step: int, accelerator: Any, run_dir: Path) -> None:

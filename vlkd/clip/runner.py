@@ -161,12 +161,10 @@ def run(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, overwrite:
         cache_info = {"folder": str(Path(method.cache_dir) / cache_key(key_parts)), "rows": len(cache),
                       "seconds": round(time.perf_counter() - started, 2)}
 
-    started = time.perf_counter()
     result = fit(ClipLossMethod(losses, cache=cache, shared_text=method.text_mode == "locked"), student, pool,
                  recipe.train, run_dir / "train", teacher=None if cache is not None else teacher,
                  resume=bool(list_checkpoints(run_dir / "train")),  # a run killed before its first one starts over
                  collate_fn=collate, desc="clip distill")
-    training_seconds = time.perf_counter() - started
     final = result.final_model().eval()
     if not accelerator.is_main_process:
         return out
@@ -188,7 +186,8 @@ def run(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, overwrite:
             "steps": result.steps,
             "losses": {"first": result.history[0] if result.history else None,
                        "last": result.history[-1] if result.history else None},
-            "training_seconds": round(training_seconds, 2),
+            # All legs of a resumed run (None when an earlier leg did not record its time).
+            "training_seconds": result.seconds, "resumed_at_step": result.resumed_from or None,
             "inherit": None if inherited is None else {**inherited, "left_out": inherited["left_out"][:20]},
             "cache": cache_info,
             "export": written,

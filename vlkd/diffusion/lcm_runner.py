@@ -174,7 +174,7 @@ def _run(recipe: Recipe, out_dir: str | Path, *, resume: bool, overwrite: bool, 
         info = _base_info(recipe, teacher, method_name, max(step_counts), step_counts, prediction, student_export)
         info.update(num_solver_steps=config.num_solver_steps, timestep_scaling=config.timestep_scaling,
                     guidance_scale=guidance, guidance={"w_min": config.w_min, "w_max": config.w_max},
-                    training=_training(recipe.train, started, resumed), cache=cache_info,
+                    training=_training(recipe.train, result, started), cache=cache_info,
                     example_prompt=grid_prompts[0])  # the model card samples a caption of the training data
         if lora:
             info.update(pipeline=type(teacher.pipeline).__name__, base_model=teacher.source,

@@ -96,10 +96,17 @@ def _base_info(recipe: Recipe, teacher: Any, method: str, steps: int, step_count
     }
 
 
-def _training(config: Any, started: float, resumed: bool) -> dict[str, Any]:
-    return {"optimizer_steps": config.steps, "batch_size": config.batch_size, "lr": config.lr,
-            "ema_decay": config.ema_decay, "seed": config.seed, "minutes": round((time.time() - started) / 60, 2),
-            "resumed": resumed}
+def _training(config: Any, result: Any, started: float) -> dict[str, Any]:
+    """The facts of a fit for vlkd.json. ``minutes`` is the training time of all legs of a resumed run; when an
+    earlier leg did not record its time it is None and ``minutes_this_process`` (from ``started``) is all there is."""
+    facts = {"optimizer_steps": config.steps, "batch_size": config.batch_size, "lr": config.lr,
+             "ema_decay": config.ema_decay, "seed": config.seed,
+             "minutes": None if result.seconds is None else round(result.seconds / 60, 2),
+             "resumed": result.resumed_from > 0}
+    if result.resumed_from:
+        facts.update(resumed_at_step=result.resumed_from,
+                     minutes_this_process=round((time.time() - started) / 60, 2))
+    return facts
 
 
 def run_progressive(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False) -> Path:
@@ -145,7 +152,7 @@ def run_progressive(recipe: Recipe, out_dir: str | Path, *, resume: bool = False
         info = _base_info(recipe, teacher, "progressive", steps, [steps], prediction, pipeline)
         info["teacher"]["steps"] = config.teacher_steps
         info["round"] = {"index": index + 1, "rounds": len(rounds), "teacher_steps": 2 * steps}
-        info["training"] = _training(train, round_started, resumed)
+        info["training"] = _training(train, result, round_started)
         work.export_stage(name, pipeline, info, eval_steps=[steps] if steps in measured else [],
                           eval_config=recipe.eval, reference=reference, num_reference=num_reference)
 
@@ -224,7 +231,7 @@ def run_consistency(recipe: Recipe, out_dir: str | Path, *, resume: bool = False
         # The default step count is the largest it was trained to serve: multistep sampling refines the result.
         info = _base_info(recipe, teacher, "consistency", max(step_counts), step_counts, prediction, pipeline)
         info.update(num_solver_steps=config.num_solver_steps, timestep_scaling=config.timestep_scaling,
-                    training=_training(recipe.train, started, resumed))
+                    training=_training(recipe.train, result, started))
         work.export_stage(name, pipeline, info, eval_steps=measured, eval_config=recipe.eval, reference=reference,
                           num_reference=num_reference)
     extra = {"wall_minutes_this_process": round((time.time() - started) / 60, 2)}
