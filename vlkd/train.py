@@ -53,16 +53,20 @@ class FitState:
 class FitResult:
     """The trained student (unwrapped, online weights), its EMA, the loss history and the training clock.
 
-    ``seconds`` is the wall time of all optimizer steps over every leg of a resumed run (checkpoints and callbacks
-    included), None when an earlier leg did not record it; ``resumed_from`` is the step this process started at.
+    ``resumed_from`` is the step this process started at.
     """
 
     student: nn.Module
     ema: Any
     history: list[dict] = field(default_factory=list)
     steps: int = 0
-    seconds: float | None = None
     resumed_from: int = 0
+
+    @property
+    def seconds(self) -> float | None:
+        """Wall time from the first optimizer step to the last, over every leg of a resumed run (the checkpoints
+        and callbacks between them included); None when an earlier leg did not record it."""
+        return self.history[-1].get("seconds") if self.history else None
 
     def final_model(self) -> nn.Module:
         """The student with EMA weights copied in when there is an EMA (the weights to export)."""
@@ -366,9 +370,7 @@ def fit(
     if accelerator.is_main_process:
         with atomic_file(run_dir / "history.jsonl", "w") as handle:
             handle.writelines(json.dumps(r) + "\n" for r in history)
-    seconds = history[-1].get("seconds") if history else None
-    return FitResult(student=model, ema=ema, history=history, steps=config.steps, seconds=seconds,
-                     resumed_from=start_step)
+    return FitResult(student=model, ema=ema, history=history, steps=config.steps, resumed_from=start_step)
 
 
 def _check_finite(terms: dict, step: int, accelerator: Any, run_dir: Path) -> None:
