@@ -13,7 +13,8 @@ at 25 and 4 steps with the guidance scale chosen among ``T2I_GUIDANCE`` at 25 st
 ``--num-guidance-search`` captions); each setting sampled once and measured by Inception FID against all 2,000
 shapes test images, prompt fidelity (``vlkd.eval.fidelity``) and seconds per image; the same measures of the VAE's
 reconstructions of the real test images of those captions show what the decoder alone keeps.
-Both files are written atomically; everything else in the folder is left as it is.
+Both files are written atomically; everything else in the folder is left as it is. ``--card-only`` rewrites the
+card from the folder's stored metrics.json and training.json (after a change to the card's text), measuring nothing.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ TASKS = ("shape", "color", "shape_color")
 T2I_GUIDANCE = (1.0, 2.0, 3.0, 5.0, 7.5)  # classifier-free guidance scales tried (pipeline convention, 1 = none)
 T2I_STEPS = (25, 4)  # DDIM step counts measured at the chosen scale; the search runs at the first
 T2I_PARTS = ("unet", "vae", "text_encoder")
+REPRODUCTION = ("A retrain from scratch with the default seed, its time on 2 CPU threads and how closely it "
+                "reproduces the figures below: `benchmarks/reproduction.md` (`scripts/report_reproduction.py`).")
 DEFAULT_FOLDERS = {kind: Path("assets/teachers") / name
                    for kind, name in (("ddpm", "ddpm-digits"), ("clip", "clip-shapes"), ("t2i", "t2i-shapes"))}
 
@@ -101,6 +104,18 @@ def evaluate_ddpm(folder: Path, num: int, reference: str, dpm_from: dict | None 
     }
 
 
+def training_time(training: dict) -> str:
+    """How long the training took and where, as its training.json records it (a note on how it ran included)."""
+    minutes = training["training_minutes"]
+    if minutes is None:  # an earlier leg of a resumed run kept no clock
+        text = (f"training time not recorded before step {training['resumed_at_step']:,} "
+                f"({training['minutes_this_process']} minutes after it)")
+    else:
+        text = f"{minutes} minutes"
+    text += f" on {training['machine']}"
+    return text + (f". How it ran: {training['note']}" if training.get("note") else "")
+
+
 def ddpm_card(folder: Path, metrics: dict, training: dict) -> str:
     from vlkd.eval.frontier import frontier_table
 
@@ -112,9 +127,10 @@ def ddpm_card(folder: Path, metrics: dict, training: dict) -> str:
 A diffusers `UNet2DModel` ({training['parameters']:,} parameters, channels {training['unet_channels']}) trained on
 {training['data']} with a 1,000-step `DDPMScheduler` ({training['prediction_type']}, {training['beta_schedule']} betas)
 and EMA weights (decay {training['ema_decay']}): {training['optimizer_steps']} steps at batch {training['batch_size']},
-{training['training_minutes']} minutes on {training['machine']}.
+{training_time(training)}.
 
 Retrain: `{training['command']}`. Re-measure: `python scripts/evaluate_teacher.py ddpm {folder}`.
+{REPRODUCTION}
 
 ## Load it with diffusers alone
 
@@ -189,10 +205,10 @@ def clip_card(folder: Path, metrics: dict, training: dict) -> str:
 
 An open_clip CLIP from a custom config (ViT image tower for 32x32 input, {p['image_tower']:,} parameters; text
 tower with a word-level tokenizer, {p['text_tower']:,} parameters) trained contrastively on {training['data']}:
-{training['optimizer_steps']} steps at batch {training['batch_size']}, {training['training_minutes']} minutes on
-{training['machine']}.
+{training['optimizer_steps']} steps at batch {training['batch_size']}, {training_time(training)}.
 
 Retrain: `{training['command']}`. Re-measure: `python scripts/evaluate_teacher.py clip {folder}`.
+{REPRODUCTION}
 
 ## Load it with open_clip alone
 
@@ -397,8 +413,7 @@ Data: {training['data']}.
 Total {p['total']:,} parameters. Training: the VAE for {vae['optimizer_steps']} steps at batch
 {vae['batch_size']} ({vae['loss']}), then the UNet for {unet['optimizer_steps']} steps at batch
 {unet['batch_size']} (lr {unet['lr']}, {unet['lr_schedule']}, EMA {unet['ema_decay']}, captions dropped with
-probability {unet['caption_dropout']} for classifier-free guidance): {training['training_minutes']} minutes on
-{training['machine']}.
+probability {unet['caption_dropout']} for classifier-free guidance): {training_time(training)}.
 
 Retrain: `{training['command']}`. Re-measure: `python scripts/evaluate_teacher.py t2i {folder}`.
 
@@ -442,6 +457,21 @@ Guidance scale search at {guidance['steps']} steps on the first {guidance['num_s
 """
 
 
+def measure(args: argparse.Namespace, folder: Path) -> dict:
+    """The teacher's metrics.json, measured now."""
+    if args.kind == "ddpm":
+        dpm_from = json.loads(args.dpm_from.read_text()) if args.dpm_from else None
+        metrics = evaluate_ddpm(folder, args.num, args.reference or "digits:16@all", dpm_from)
+    elif args.kind == "t2i":
+        scales = tuple(float(w) for w in args.guidance_scales.split(","))
+        metrics = evaluate_t2i(folder, args.num, args.num_guidance_search, args.reference or "shapes:32@test",
+                               scales=scales, features=tuple(args.features.split(",")))
+    else:
+        metrics = evaluate_clip(folder)
+    metrics["command"] = "python scripts/evaluate_teacher.py " + " ".join(args.argv)
+    return metrics
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("kind", choices=list(DEFAULT_FOLDERS))
@@ -454,26 +484,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--features", default="inception",
                         help="comma-separated FD feature spaces, the first one choosing the guidance (T2I)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--card-only", action="store_true",
+                        help="rewrite the model card from the folder's metrics.json and training.json, measuring nothing")
     parser.add_argument("--dpm-from", type=Path, metavar="METRICS_JSON",
                         help="keep the DPM-Solver++ search and rows of this earlier metrics.json (DDPM only)")
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
     torch.set_num_threads(args.threads)
     folder = args.folder or DEFAULT_FOLDERS[args.kind]
     training = json.loads((folder / "training.json").read_text())
-    if args.kind == "ddpm":
-        dpm_from = json.loads(args.dpm_from.read_text()) if args.dpm_from else None
-        metrics = evaluate_ddpm(folder, args.num, args.reference or "digits:16@all", dpm_from)
-        card = ddpm_card(folder, metrics, training)
-    elif args.kind == "t2i":
-        scales = tuple(float(w) for w in args.guidance_scales.split(","))
-        metrics = evaluate_t2i(folder, args.num, args.num_guidance_search, args.reference or "shapes:32@test",
-                               scales=scales, features=tuple(args.features.split(",")))
-        card = t2i_card(folder, metrics, training)
+    cards = {"ddpm": ddpm_card, "clip": clip_card, "t2i": t2i_card}
+    if args.card_only:
+        metrics = json.loads((folder / "metrics.json").read_text())
     else:
-        metrics = evaluate_clip(folder)
-        card = clip_card(folder, metrics, training)
-    metrics["command"] = "python scripts/evaluate_teacher.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    write_json(folder / "metrics.json", metrics)
+        metrics = measure(args, folder)
+        write_json(folder / "metrics.json", metrics)
+    card = cards[args.kind](folder, metrics, training)
     with atomic_file(folder / "README.md", "w") as handle:
         handle.write(card)
     print(card)

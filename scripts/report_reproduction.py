@@ -38,9 +38,13 @@ def _load(path: Path) -> dict:
 
 def _training_line(name: str, folder: Path, retrained: Path) -> str:
     """What a training took, shipped and retrained, as training.json records it."""
+    def minutes(training: dict) -> str:
+        value = training["training_minutes"]  # None: a resumed run whose earlier leg kept no clock
+        return "time not recorded" if value is None else f"{value:.1f} min"
+
     shipped, new = _load(folder / "training.json"), _load(retrained / "training.json")
-    return (f"{name}: {shipped['training_minutes']:.1f} min shipped ({shipped['machine']}), "
-            f"{new['training_minutes']:.1f} min retrained ({new['machine']})")
+    return (f"{name}: {minutes(shipped)} shipped ({shipped['machine']}), "
+            f"{minutes(new)} retrained ({new['machine']})")
 
 
 def compare_classifier(retrained: Path) -> tuple[list[dict], str]:

@@ -136,7 +136,7 @@ def parameter_counts(model: torch.nn.Module) -> dict:
     return {"image_tower": visual, "text_tower": total - visual - model.logit_scale.numel(), "total": total}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="assets/teachers/clip-shapes")
     parser.add_argument("--size", type=int, default=32)
@@ -159,7 +159,7 @@ def main() -> None:
     parser.add_argument("--run-dir", default="runs/teacher-clip")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     check_output(args.out, args.overwrite)
 
@@ -187,7 +187,7 @@ def main() -> None:
     start = time.time()
     result = fit(ClipLossMethod([ClipContrastiveLoss()]), model, dataset, config, args.run_dir, resume=args.resume,
                  collate_fn=collate, desc="clip teacher")
-    minutes = (time.time() - start) / 60
+    clock = result.clock(start, key="training_minutes")  # every leg of a resumed run
     load_after = os.getloadavg()
     final = result.final_model().eval()
     state = {k: v.detach().cpu().to(getattr(torch, args.save_dtype)).contiguous() for k, v in final.state_dict().items()}
@@ -206,16 +206,17 @@ def main() -> None:
             "optimizer_steps": result.steps, "batch_size": args.batch_size, "lr": args.lr,
             "lr_schedule": f"cosine, {args.warmup_steps} warmup steps", "weight_decay": args.weight_decay,
             "adam_betas": [0.9, 0.98], "seed": args.seed, "saved_dtype": args.save_dtype,
-            "training_minutes": round(minutes, 1), "resumed": args.resume,
+            **clock,
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                        f"{torch.get_num_threads()} torch threads; load average {load_before[0]:.1f} before, "
                        f"{load_after[0]:.1f} after",
-            "command": "python scripts/train_teacher_clip.py " + " ".join(sys.argv[1:]),
+            "command": "python scripts/train_teacher_clip.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "final_logit_scale": round(math.exp(final.logit_scale.item()), 2),
             "final_loss": result.history[-1] if result.history else None,
             "zero_shot_at_export": figures,
         })
-    print(f"wrote {args.out} after {result.steps} steps in {minutes:.1f} min; zero-shot {figures}")
+    print(f"wrote {args.out} after {result.steps} steps in {clock['training_minutes']} training minutes; "
+          f"zero-shot {figures}")
 
 
 if __name__ == "__main__":

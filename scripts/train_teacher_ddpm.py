@@ -34,7 +34,7 @@ def build_unet(size: int, channels: tuple[int, ...]) -> UNet2DModel:
     )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="assets/teachers/ddpm-digits")
     parser.add_argument("--size", type=int, default=16)
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--run-dir", default="runs/teacher-ddpm")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     channels = tuple(int(c) for c in args.channels.split(","))
@@ -67,7 +67,7 @@ def main() -> None:
     result = fit(DenoisingLoss(NoiseSchedule(scheduler.config)), unet, dataset, config, args.run_dir,
                  resume=args.resume, desc="ddpm teacher")
     final = result.final_model()
-    minutes = (time.time() - start) / 60
+    clock = result.clock(start, key="training_minutes")  # every leg of a resumed run
     with staged_folder(args.out, overwrite=args.overwrite) as folder:
         DDPMPipeline(unet=final, scheduler=scheduler).save_pretrained(folder, safe_serialization=True)
         write_json(folder / "training.json", {
@@ -75,14 +75,14 @@ def main() -> None:
             "parameters": sum(p.numel() for p in final.parameters()), "prediction_type": args.prediction_type,
             "beta_schedule": args.beta_schedule, "optimizer_steps": result.steps, "batch_size": args.batch_size,
             "lr": args.lr, "lr_schedule": "cosine, 200 warmup steps", "ema_decay": args.ema_decay,
-            "seed": args.seed, "training_minutes": round(minutes, 1),
+            "seed": args.seed, **clock,
             "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
             "command": "python scripts/train_teacher_ddpm.py " + " ".join(
                 f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                 if v not in (None, False) and k not in ("resume", "overwrite", "run_dir", "threads")),
             "final_loss": result.history[-1] if result.history else None,
         })
-    print(f"wrote {args.out} after {result.steps} steps in {minutes:.1f} min")
+    print(f"wrote {args.out} after {result.steps} steps in {clock['training_minutes']} training minutes")
 
 
 if __name__ == "__main__":

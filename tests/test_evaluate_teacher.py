@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -122,3 +123,30 @@ def test_t2i_table_gives_fidelity_in_percent():
     assert table.splitlines()[0] == ("| DDIM steps | guidance | FID | FD digits-classifier | fidelity % | shape % | "
                                      "colour % | s/image |")
     assert table.splitlines()[2] == "| 25 | 3 | 12.35 | 1.00 | 50.0 | 75.0 | 60.0 | 0.1000 |"
+
+
+@pytest.mark.parametrize("kind,name", [("ddpm", "ddpm-digits"), ("clip", "clip-shapes"), ("t2i", "t2i-shapes")])
+def test_card_only_rewrites_the_card_from_stored_files_and_measures_nothing(tmp_path, kind, name):
+    folder = tmp_path / name
+    folder.mkdir()
+    for file in ("metrics.json", "training.json"):
+        shutil.copy(REPO / "assets" / "teachers" / name / file, folder / file)
+    metrics = (folder / "metrics.json").read_bytes()
+    load_script("evaluate_teacher").main([kind, str(folder), "--card-only", "--threads", "1"])
+    assert (folder / "metrics.json").read_bytes() == metrics
+    card = (folder / "README.md").read_text()
+    # The shipped card is this function of the shipped files: nothing in it was edited by hand.
+    assert card.replace(str(folder), f"assets/teachers/{name}") == (REPO / "assets" / "teachers" / name
+                                                                      / "README.md").read_text()
+    training = json.loads((folder / "training.json").read_text())
+    assert f"{training['training_minutes']} minutes on {training['machine']}" in card
+    if training.get("note"):
+        assert f"How it ran: {training['note']}" in card
+
+
+def test_training_time_says_when_an_earlier_leg_kept_no_clock():
+    script = load_script("evaluate_teacher")
+    assert script.training_time({"training_minutes": 46.0, "machine": "x86_64, 2 threads"}) == \
+        "46.0 minutes on x86_64, 2 threads"
+    unknown = {"training_minutes": None, "resumed_at_step": 1500, "minutes_this_process": 20.5, "machine": "m"}
+    assert script.training_time(unknown) == "training time not recorded before step 1,500 (20.5 minutes after it) on m"

@@ -71,3 +71,12 @@ def test_shipped_report_reproduces_every_teacher_within_the_stated_tolerance():
     assert sum(row["model"] == "digits DDPM" and row["figure"].startswith("FID, DDIM") for row in rows) >= 4
     for row in rows:
         assert abs(row["retrained"] - row["shipped"]) <= tolerance[row["model"]], row
+
+
+def test_report_says_when_a_training_time_was_not_recorded(tmp_path):
+    module = load_script("report_reproduction")
+    ddpm, frontier = _retrained_ddpm(tmp_path, shift=0.0)
+    (ddpm / "training.json").write_text(json.dumps({"training_minutes": None, "machine": "x86_64, 2 threads"}))
+    out = tmp_path / "reproduction.md"
+    module.main(["--ddpm", str(ddpm), "--ddpm-frontier", str(frontier), "--out", str(out)])
+    assert "time not recorded retrained (x86_64, 2 threads)" in out.read_text()

@@ -68,6 +68,14 @@ class FitResult:
         and callbacks between them included); None when an earlier leg did not record it."""
         return self.history[-1].get("seconds") if self.history else None
 
+    def clock(self, started: float, key: str = "minutes") -> dict[str, Any]:
+        """The training time for a run's record: ``key`` in minutes over every leg, None when an earlier leg kept no
+        clock; a resumed fit adds the step it resumed at and this process's own minutes since ``started``."""
+        facts: dict[str, Any] = {key: None if self.seconds is None else round(self.seconds / 60, 2)}
+        if self.resumed_from:
+            facts.update(resumed_at_step=self.resumed_from, minutes_this_process=round((time.time() - started) / 60, 2))
+        return facts
+
     def final_model(self) -> nn.Module:
         """The student with EMA weights copied in when there is an EMA (the weights to export)."""
         if self.ema is not None:

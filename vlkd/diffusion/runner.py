@@ -97,16 +97,10 @@ def _base_info(recipe: Recipe, teacher: Any, method: str, steps: int, step_count
 
 
 def _training(config: Any, result: Any, started: float) -> dict[str, Any]:
-    """The facts of a fit for vlkd.json. ``minutes`` is the training time of all legs of a resumed run; when an
-    earlier leg did not record its time it is None and ``minutes_this_process`` (from ``started``) is all there is."""
-    facts = {"optimizer_steps": config.steps, "batch_size": config.batch_size, "lr": config.lr,
-             "ema_decay": config.ema_decay, "seed": config.seed,
-             "minutes": None if result.seconds is None else round(result.seconds / 60, 2),
-             "resumed": result.resumed_from > 0}
-    if result.resumed_from:
-        facts.update(resumed_at_step=result.resumed_from,
-                     minutes_this_process=round((time.time() - started) / 60, 2))
-    return facts
+    """The facts of a fit for vlkd.json, with its training clock (``FitResult.clock``)."""
+    return {"optimizer_steps": config.steps, "batch_size": config.batch_size, "lr": config.lr,
+            "ema_decay": config.ema_decay, "seed": config.seed, "resumed": result.resumed_from > 0,
+            **result.clock(started)}
 
 
 def run_progressive(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False) -> Path:
