@@ -495,6 +495,9 @@ def main(argv: list[str] | None = None) -> None:
     training = json.loads((folder / "training.json").read_text())
     cards = {"ddpm": ddpm_card, "clip": clip_card, "t2i": t2i_card}
     if args.card_only:
+        if not (folder / "metrics.json").is_file():
+            raise SystemExit(f"--card-only: {folder} has no metrics.json to write the card from; measure it first "
+                             "(the same command without --card-only)")
         metrics = json.loads((folder / "metrics.json").read_text())
     else:
         metrics = measure(args, folder)

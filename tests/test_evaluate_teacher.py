@@ -150,3 +150,12 @@ def test_training_time_says_when_an_earlier_leg_kept_no_clock():
         "46.0 minutes on x86_64, 2 threads"
     unknown = {"training_minutes": None, "resumed_at_step": 1500, "minutes_this_process": 20.5, "machine": "m"}
     assert script.training_time(unknown) == "training time not recorded before step 1,500 (20.5 minutes after it) on m"
+
+
+def test_card_only_without_metrics_is_a_one_line_error(tmp_path):
+    folder = tmp_path / "ddpm-digits"
+    folder.mkdir()
+    shutil.copy(REPO / "assets" / "teachers" / "ddpm-digits" / "training.json", folder / "training.json")
+    with pytest.raises(SystemExit, match="has no metrics.json to write the card from"):
+        load_script("evaluate_teacher").main(["ddpm", str(folder), "--card-only"])
+    assert not (folder / "README.md").exists()
