@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from vlkd.files import atomic_file, write_json
+from vlkd.train import describe_clock
 
 DDIM_STEPS = (1, 2, 4, 8, 16, 64, 256)
 DPM_STEPS = (1, 2, 4, 8)
@@ -106,13 +107,7 @@ def evaluate_ddpm(folder: Path, num: int, reference: str, dpm_from: dict | None 
 
 def training_time(training: dict) -> str:
     """How long the training took and where, as its training.json records it (a note on how it ran included)."""
-    minutes = training["training_minutes"]
-    if minutes is None:  # an earlier leg of a resumed run kept no clock
-        text = (f"training time not recorded before step {training['resumed_at_step']:,} "
-                f"({training['minutes_this_process']} minutes after it)")
-    else:
-        text = f"{minutes} minutes"
-    text += f" on {training['machine']}"
+    text = f"{describe_clock(training, 'training_minutes')} on {training['machine']}"
     return text + (f". How it ran: {training['note']}" if training.get("note") else "")
 
 
@@ -468,7 +463,6 @@ def measure(args: argparse.Namespace, folder: Path) -> dict:
                                scales=scales, features=tuple(args.features.split(",")))
     else:
         metrics = evaluate_clip(folder)
-    metrics["command"] = "python scripts/evaluate_teacher.py " + " ".join(args.argv)
     return metrics
 
 
@@ -489,7 +483,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dpm-from", type=Path, metavar="METRICS_JSON",
                         help="keep the DPM-Solver++ search and rows of this earlier metrics.json (DDPM only)")
     args = parser.parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else argv
     torch.set_num_threads(args.threads)
     folder = args.folder or DEFAULT_FOLDERS[args.kind]
     training = json.loads((folder / "training.json").read_text())
@@ -501,6 +494,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics = json.loads((folder / "metrics.json").read_text())
     else:
         metrics = measure(args, folder)
+        metrics["command"] = "python scripts/evaluate_teacher.py " + " ".join(sys.argv[1:] if argv is None else argv)
         write_json(folder / "metrics.json", metrics)
     card = cards[args.kind](folder, metrics, training)
     with atomic_file(folder / "README.md", "w") as handle:

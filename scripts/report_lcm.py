@@ -19,9 +19,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import sys
 from pathlib import Path
 
 from vlkd.files import atomic_file, write_json
+from vlkd.train import describe_clock
 
 REPO = Path(__file__).resolve().parent.parent
 TEACHER = REPO / "assets" / "teachers" / "t2i-shapes"
@@ -38,15 +40,6 @@ def rows_of(name: str, folder: Path) -> tuple[list[dict], dict]:
     if not rows or any("fidelity" not in row for row in rows):
         raise SystemExit(f"{folder}/vlkd.json has no prompt-fidelity rows: run its recipe with eval.fidelity: true")
     return rows, {"run": str(folder.relative_to(REPO)), **info["training"]}
-
-
-def training_time(run: dict) -> str:
-    """A run's training minutes as its vlkd.json records them: all legs of a resumed run, or, where an earlier leg
-    did not record its time, the last leg's alone, said so."""
-    if run["minutes"] is not None:
-        return f"{run['minutes']:.1f} training minutes"
-    return (f"resumed at step {run['resumed_at_step']:,}; {run['minutes_this_process']:.1f} minutes from there to "
-            "the end (the earlier leg did not record its time)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,13 +89,14 @@ def main(argv: list[str] | None = None) -> None:
         "# Shapes LCM and LCM-LoRA students against their teacher",
         "",
         f"- date: {datetime.date.today().isoformat()}",
-        "- command: `python scripts/report_lcm.py` (the rows: each run's own evaluation, and the teacher's metrics.json)",
+        f"- command: `{' '.join(['python scripts/report_lcm.py', *(sys.argv[1:] if argv is None else argv)])}` (the "
+        "rows: each run's own evaluation, and the teacher's metrics.json)",
         f"- every row: {every[0]['num_samples']:,} images, one per shapes test caption, {every[0]['features']} FID "
         f"against {every[0]['reference']} ({every[0]['num_reference']:,} images), prompt fidelity judged by "
         f"{metrics['judge']}",
     ]
     lines += [f"- {name}: `{run['run']}`, {run['optimizer_steps']:,} optimizer steps at batch {run['batch_size']}, "
-              f"{training_time(run)}"
+              f"{describe_clock(run)}"
               + (" (its rows kept from the previous report; that run was not repeated)" if run.get("kept") else "")
               for name, run in runs.items()]
     lines += ["", "| model | sampler | steps | guidance scale | FID | prompt fidelity | shape | colour | s/image |",

@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 
 from vlkd.files import atomic_file, write_json
+from vlkd.train import describe_clock
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = {"classifier": REPO / "assets" / "classifiers" / "digits-classifier",
@@ -38,13 +39,9 @@ def _load(path: Path) -> dict:
 
 def _training_line(name: str, folder: Path, retrained: Path) -> str:
     """What a training took, shipped and retrained, as training.json records it."""
-    def minutes(training: dict) -> str:
-        value = training["training_minutes"]  # None: a resumed run whose earlier leg kept no clock
-        return "time not recorded" if value is None else f"{value:.1f} min"
-
     shipped, new = _load(folder / "training.json"), _load(retrained / "training.json")
-    return (f"{name}: {minutes(shipped)} shipped ({shipped['machine']}), "
-            f"{minutes(new)} retrained ({new['machine']})")
+    return (f"{name}: {describe_clock(shipped, 'training_minutes')} shipped ({shipped['machine']}), "
+            f"{describe_clock(new, 'training_minutes')} retrained ({new['machine']})")
 
 
 def compare_classifier(retrained: Path) -> tuple[list[dict], str]:

@@ -139,7 +139,7 @@ def test_card_only_rewrites_the_card_from_stored_files_and_measures_nothing(tmp_
     assert card.replace(str(folder), f"assets/teachers/{name}") == (REPO / "assets" / "teachers" / name
                                                                       / "README.md").read_text()
     training = json.loads((folder / "training.json").read_text())
-    assert f"{training['training_minutes']} minutes on {training['machine']}" in card
+    assert f"{training['training_minutes']:.1f} training minutes on {training['machine']}" in card
     if training.get("note"):
         assert f"How it ran: {training['note']}" in card
 
@@ -147,9 +147,10 @@ def test_card_only_rewrites_the_card_from_stored_files_and_measures_nothing(tmp_
 def test_training_time_says_when_an_earlier_leg_kept_no_clock():
     script = load_script("evaluate_teacher")
     assert script.training_time({"training_minutes": 46.0, "machine": "x86_64, 2 threads"}) == \
-        "46.0 minutes on x86_64, 2 threads"
+        "46.0 training minutes on x86_64, 2 threads"
     unknown = {"training_minutes": None, "resumed_at_step": 1500, "minutes_this_process": 20.5, "machine": "m"}
-    assert script.training_time(unknown) == "training time not recorded before step 1,500 (20.5 minutes after it) on m"
+    assert script.training_time(unknown) == ("resumed at step 1,500; 20.5 minutes from there to the end (the earlier "
+                                             "leg did not record its time) on m")
 
 
 def test_card_only_without_metrics_is_a_one_line_error(tmp_path):

@@ -46,6 +46,7 @@ def test_report_reads_the_runs_and_computes_the_bars(tmp_path, monkeypatch):
     out = tmp_path / "lcm-shapes.md"
     module.main(["--out", str(out)])
     text = out.read_text()
+    assert f"- command: `python scripts/report_lcm.py --out {out}` (the rows:" in text  # the command as it ran
     assert "- LCM: `lcm`, 3,600 optimizer steps at batch 64, 60.0 training minutes\n" in text
     assert ("- LCM-LoRA: `lora`, 3,600 optimizer steps at batch 64, resumed at step 1,800; 21.5 minutes from there "
             "to the end (the earlier leg did not record its time)\n") in text

@@ -48,7 +48,8 @@ def test_report_sets_retrained_figures_beside_the_shipped_ones(tmp_path):
                  if (row["sampler"], row["steps"], row["features"]) == ("ddim", 16, "inception"))
     assert f"| digits DDPM | FID, DDIM 16 steps | {fid16:.2f} | {fid16 + 0.5:.2f} | +0.50 " in text
     assert text.count("| digits DDPM |") == 6  # DDIM at 4 and 16 steps, DPM-Solver++ at 4; two feature spaces each
-    assert "ddpm: 71.1 min shipped" in text and "40.0 min retrained (x86_64, 2 threads)" in text
+    assert "ddpm: 71.1 training minutes shipped" in text
+    assert "40.0 training minutes retrained (x86_64, 2 threads)" in text
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert len(rows) == 6 + 6
 
@@ -76,7 +77,9 @@ def test_shipped_report_reproduces_every_teacher_within_the_stated_tolerance():
 def test_report_says_when_a_training_time_was_not_recorded(tmp_path):
     module = load_script("report_reproduction")
     ddpm, frontier = _retrained_ddpm(tmp_path, shift=0.0)
-    (ddpm / "training.json").write_text(json.dumps({"training_minutes": None, "machine": "x86_64, 2 threads"}))
+    (ddpm / "training.json").write_text(json.dumps({"training_minutes": None, "resumed_at_step": 500,
+                                                    "minutes_this_process": 30.0, "machine": "x86_64, 2 threads"}))
     out = tmp_path / "reproduction.md"
     module.main(["--ddpm", str(ddpm), "--ddpm-frontier", str(frontier), "--out", str(out)])
-    assert "time not recorded retrained (x86_64, 2 threads)" in out.read_text()
+    assert ("resumed at step 500; 30.0 minutes from there to the end (the earlier leg did not record its time) "
+            "retrained (x86_64, 2 threads)") in out.read_text()

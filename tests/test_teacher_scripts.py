@@ -10,7 +10,6 @@ from script_modules import load_script
 
 from vlkd.train import list_checkpoints, load_checkpoint
 
-
 FIRST_LEG_SECONDS = 600.0  # written into the first leg's checkpoint: a toy leg is too quick to tell apart from 0
 
 
@@ -44,7 +43,6 @@ def test_ddpm_teacher_script_records_the_whole_training_time(tmp_path):
     check_clock(first, second)
     pipe = DDIMPipeline.from_pretrained(tmp_path / "second")
     assert list(pipe.unet.config.block_out_channels) == [16, 16] and second["parameters"] == pipe.unet.num_parameters()
-
 
 
 def test_clip_teacher_script_records_the_whole_training_time(tmp_path):

@@ -83,6 +83,14 @@ class FitResult:
         return self.student
 
 
+def describe_clock(facts: dict[str, Any], key: str = "minutes") -> str:
+    """The training time that ``FitResult.clock(..., key=key)`` recorded, in words for a report or a model card."""
+    if facts[key] is not None:
+        return f"{facts[key]:.1f} training minutes"
+    return (f"resumed at step {facts['resumed_at_step']:,}; {facts['minutes_this_process']:.1f} minutes from there "
+            "to the end (the earlier leg did not record its time)")
+
+
 def freeze(model: nn.Module | None) -> nn.Module | None:
     """Put a teacher in eval mode with gradients off: done here, not in each method."""
     if model is not None:
