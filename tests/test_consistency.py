@@ -115,6 +115,7 @@ def test_anchored_target_is_the_teachers_grid_solve(monkeypatch, anchor_below, a
     sched, student, teacher = schedule(), Random(), GaussianDenoiser(schedule())
     config = ConsistencyConfig(num_solver_steps=50, loss="l2", anchor_below=anchor_below, anchor_skip=anchor_skip)
     method = ConsistencyDistillation(sched, student, config)
+    assert (method.target is None) == (anchor_below == 999)  # no EMA copy that no target would read
     batch = {"pixel_values": torch.randn(32, 1, 4, 4), "seed": torch.tensor([sample_seed(3, p) for p in range(32)])}
     seen = {}
     monkeypatch.setattr(cd, "consistency_loss", lambda prediction, target, *_: seen.setdefault("target", target))

@@ -111,9 +111,12 @@ class ConsistencyDistillation(nn.Module):
         self.class_conditional = class_conditional
         # The teacher speaks the schedule's parameterisation; the student (and its target copy) may differ.
         self.student_prediction = student_prediction or schedule.prediction_type
-        self.target = copy.deepcopy(student).requires_grad_(False).eval() if separate_target else None
         self.register_buffer("grid", solver_grid(schedule.num_train_timesteps, config.num_solver_steps),
                              persistent=False)
+        # Anchored at the grid's top, every target is the teacher's solve: an EMA copy would never be read.
+        every_pair_anchored = config.anchor_below is not None and config.anchor_below >= int(self.grid.max())
+        self.target = (copy.deepcopy(student).requires_grad_(False).eval()
+                       if separate_target and not every_pair_anchored else None)
 
     # ------------------------------------------------------------------ hooks
 
