@@ -1,0 +1,57 @@
+"""scripts/bench_lcm_seeds.py: the student and the teacher's DDIM measured seed by seed from the same noise, each at
+its own guidance scale and with its own sampler, and the table's means, spreads and paired gaps."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from script_modules import load_script
+
+REPO = Path(__file__).resolve().parent.parent
+TEACHER = REPO / "assets" / "teachers" / "t2i-shapes"
+
+
+def test_both_sides_are_measured_per_seed_and_summarised(tmp_path, monkeypatch):
+    module = load_script("bench_lcm_seeds")
+    # A stand-in student: the shipped teacher's folder with a run record whose guidance differs from the teacher's.
+    student = tmp_path / "student"
+    shutil.copytree(TEACHER, student, ignore=shutil.ignore_patterns("metrics.json", "training.json", "README.md"))
+    (student / "vlkd.json").write_text(json.dumps({"guidance_scale": 3.5}))
+    calls = []
+
+    def fake_measure(pipeline, steps, seed, guidance_scale, prompts, config):
+        spacing = getattr(pipeline.scheduler.config, "timestep_spacing", None)
+        calls.append((type(pipeline.scheduler).__name__, spacing, steps, seed, guidance_scale, len(prompts.captions),
+                      config.num_samples))
+        is_student = guidance_scale == 3.5
+        return {"fid": 30.0 + seed / 10 - (0.5 if is_student else 0.0), "fidelity": 0.9 + (0.01 if is_student else 0)}
+
+    monkeypatch.setattr(module, "measure", fake_measure)
+    out = tmp_path / "seeds.md"
+    module.main(["--student", str(student), "--teacher", str(TEACHER), "--seeds", "0,10", "--num", "8",
+                 "--batch-size", "4", "--out", str(out)])
+
+    chosen = json.loads((TEACHER / "metrics.json").read_text())["guidance"]["chosen"]
+    own = json.loads((student / "scheduler" / "scheduler_config.json").read_text())  # the student keeps its own
+    mine = (own["_class_name"], own.get("timestep_spacing", "leading"))
+    assert calls == [(*mine, 4, 0, 3.5, 8, 8), ("DDIMScheduler", "trailing", 4, 0, chosen, 8, 8),
+                     (*mine, 4, 10, 3.5, 8, 8), ("DDIMScheduler", "trailing", 4, 10, chosen, 8, 8)]
+    text = out.read_text()
+    assert "| 0 | 30.000 | 29.500 | -0.500 | 0.900 | 0.910 | 0.010 |" in text
+    assert "| 10 | 31.000 | 30.500 | -0.500 | 0.900 | 0.910 | 0.010 |" in text
+    assert "| mean ± sd | 30.500 ± 0.707 | 30.000 ± 0.707 | -0.500 ± 0.000 |" in text
+    assert "ahead in both FID and fidelity for 2 of 2 seeds" in text
+    assert f"- command: `python scripts/bench_lcm_seeds.py --student {student}" in text
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert [row["seed"] for row in saved["rows"]] == [0, 10] and saved["teacher_guidance"] == chosen
+
+
+def test_overlapping_seeds_and_missing_runs_are_one_line_errors(tmp_path):
+    module = load_script("bench_lcm_seeds")
+    with pytest.raises(SystemExit, match="space them at least 4 apart"):
+        module.main(["--seeds", "0,2", "--out", str(tmp_path / "x.md")])
+    with pytest.raises(SystemExit, match="no vlkd.json there; train and evaluate it first"):
+        module.main(["--student", str(tmp_path), "--out", str(tmp_path / "x.md")])
