@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from vlkd.bench import script_command
 from vlkd.files import atomic_file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -199,14 +200,13 @@ def main(argv: list[str] | None = None) -> None:
                               f"{args.sd_steps} optimizer steps at batch {args.sd_batch_size}, a pool of {sd_pool:,} "
                               f"{read}")
 
-    command_line = sys.argv[1:] if argv is None else argv
     lines = [
         "# LCM against LCM-LoRA: training memory",
         "",
         f"- date: {datetime.date.today().isoformat()}",
         f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads",
         f"- Python {platform.python_version()}, torch {torch.__version__}",
-        f"- command: `{' '.join(['python scripts/bench_lcm.py', *command_line])}`",
+        f"- command: `{script_command('bench_lcm.py', argv)}`",
         f"- runtime alone (imports, nothing loaded): {runtime:,.0f} MiB peak",
         "",
         *sections,

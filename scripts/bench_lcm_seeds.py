@@ -18,7 +18,6 @@ import argparse
 import datetime
 import json
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +47,13 @@ def check_seeds(seeds: list[int], batches: int) -> None:
                          f"s + {batches - 1}, so these seeds share images; space them at least {batches} apart")
 
 
-def measure(pipeline: Any, steps: int, seed: int, guidance_scale: float, prompts: Any, config: Any) -> dict:
+def measure(pipeline: Any, steps: int, seed: int, guidance_scale: float, prompts: Any, config: Any,
+            judge: Any) -> dict:
     """FID and prompt fidelity of ``pipeline`` at ``steps`` for one seed, as the recipe's evaluation measures them."""
     from vlkd.diffusion.evaluate import evaluate_pipeline
 
     rows, _ = evaluate_pipeline(pipeline, [steps], config, REFERENCE, seed=seed, guidance_scale=guidance_scale,
-                                fidelity=prompts, progress=False)
+                                fidelity=prompts, judge=judge, progress=False)
     return {"fid": rows[0]["fd"], "fidelity": rows[0]["fidelity"]}
 
 
@@ -89,10 +89,10 @@ def report(rows: list[dict], facts: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from diffusers import DDIMScheduler
-
+    from vlkd.bench import script_command
     from vlkd.diffusion.sample import load_pipeline
-    from vlkd.eval.fidelity import shapes_prompts
+    from vlkd.eval.fidelity import load_judge, shapes_prompts
+    from vlkd.eval.frontier import diffusers_ddim
     from vlkd.files import atomic_file, write_json
     from vlkd.recipes import EvalConfig
 
@@ -107,16 +107,17 @@ def main(argv: list[str] | None = None) -> int:
     student_guidance = json.loads((args.student / "vlkd.json").read_text())["guidance_scale"]
     teacher_guidance = json.loads((args.teacher / "metrics.json").read_text())["guidance"]["chosen"]
     teacher, student = load_pipeline(args.teacher), load_pipeline(args.student)
-    teacher.scheduler = DDIMScheduler.from_config(teacher.scheduler.config, timestep_spacing="trailing")
+    teacher.scheduler = diffusers_ddim(teacher)
     for pipeline in (teacher, student):
         pipeline.set_progress_bar_config(disable=True)
     prompts = shapes_prompts(args.num)
     config = EvalConfig(num_samples=args.num, features=["inception"], batch_size=args.batch_size)
+    judge = load_judge()  # once, not per seed and model
 
     rows = []
     for seed in seeds:
-        ours = measure(student, args.steps, seed, student_guidance, prompts, config)
-        theirs = measure(teacher, args.steps, seed, teacher_guidance, prompts, config)
+        ours = measure(student, args.steps, seed, student_guidance, prompts, config, judge)
+        theirs = measure(teacher, args.steps, seed, teacher_guidance, prompts, config, judge)
         rows.append({"seed": seed, "teacher_fid": theirs["fid"], "student_fid": ours["fid"],
                      "fid_gap": ours["fid"] - theirs["fid"], "teacher_fidelity": theirs["fidelity"],
                      "student_fidelity": ours["fidelity"], "fidelity_gap": ours["fidelity"] - theirs["fidelity"]})
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
               f"student {ours['fid']:.2f} / {ours['fidelity']:.3f}", flush=True)
 
     facts = {"date": datetime.date.today().isoformat(), "steps": args.steps, "num": args.num,
-             "command": " ".join(["python", "scripts/bench_lcm_seeds.py", *(sys.argv[1:] if argv is None else argv)]),
+             "command": script_command("bench_lcm_seeds.py", argv),
              "teacher": shown(args.teacher), "student": shown(args.student),
              "teacher_guidance": teacher_guidance, "student_guidance": student_guidance}
     text = report(rows, facts)

@@ -25,13 +25,13 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from vlkd.bench import script_command
 from vlkd.files import atomic_file, write_json
 from vlkd.train import describe_clock
 
@@ -229,21 +229,15 @@ Image encoding at batch {metrics['image_encoding']['batch_size']}: {metrics['ima
 """
 
 
-def t2i_ddim(pipeline: Any) -> Any:
-    """diffusers' own DDIMScheduler for a text-to-image teacher, with trailing timestep spacing (see the card)."""
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler.from_config(pipeline.scheduler.config, timestep_spacing="trailing")
-
-
 def measure_t2i(pipeline: Any, steps: int, guidance_scale: float, prompts: Any, *, extractors: list[Any],
                 reference: str, judge: Any, batch_size: int = 250) -> list[dict]:
     """One PipelineSource of ``prompts.captions`` (image i from caption i) under DDIM, sampled once: one row per
     feature space with FD against ``reference`` (all of it), prompt fidelity and sampling seconds per image."""
+    from vlkd.eval.frontier import diffusers_ddim
     from vlkd.eval.sources import PipelineSource
 
     source = PipelineSource(pipeline, len(prompts.captions), steps=steps, prompts=prompts.captions,
-                            guidance_scale=guidance_scale, scheduler=t2i_ddim(pipeline), seed=0, progress=False)
+                            guidance_scale=guidance_scale, scheduler=diffusers_ddim(pipeline), seed=0, progress=False)
     images = torch.cat(list(source.batches(batch_size)))
     return measured_rows(images, prompts, {"model": "teacher", "sampler": "ddim", "steps": steps,
                                            "guidance_scale": guidance_scale}, extractors=extractors,
@@ -494,7 +488,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics = json.loads((folder / "metrics.json").read_text())
     else:
         metrics = measure(args, folder)
-        metrics["command"] = "python scripts/evaluate_teacher.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        metrics["command"] = script_command("evaluate_teacher.py", argv)
         write_json(folder / "metrics.json", metrics)
     card = cards[args.kind](folder, metrics, training)
     with atomic_file(folder / "README.md", "w") as handle:

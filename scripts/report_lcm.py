@@ -19,9 +19,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import sys
 from pathlib import Path
 
+from vlkd.bench import script_command
 from vlkd.files import atomic_file, write_json
 from vlkd.train import describe_clock
 
@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> None:
         "# Shapes LCM and LCM-LoRA students against their teacher",
         "",
         f"- date: {datetime.date.today().isoformat()}",
-        f"- command: `{' '.join(['python scripts/report_lcm.py', *(sys.argv[1:] if argv is None else argv)])}` (the "
-        "rows: each run's own evaluation, and the teacher's metrics.json)",
+        f"- command: `{script_command('report_lcm.py', argv)}` (the rows: each run's own evaluation, and the "
+        "teacher's metrics.json)",
         f"- every row: {every[0]['num_samples']:,} images, one per shapes test caption, {every[0]['features']} FID "
         f"against {every[0]['reference']} ({every[0]['num_reference']:,} images), prompt fidelity judged by "
         f"{metrics['judge']}",

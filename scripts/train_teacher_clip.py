@@ -31,7 +31,6 @@ import math
 import os
 import platform
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from safetensors.torch import save_file
 from vlkd.clip.losses import ClipContrastiveLoss, ClipLossMethod
 from vlkd.clip.tokenizer import build_word_tokenizer, caption_words, save_word_tokenizer
 from vlkd.data import build_dataset
+from vlkd.bench import script_command
 from vlkd.files import check_output, staged_folder, write_json
 from vlkd.recipes import TrainConfig
 from vlkd.train import fit
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                        f"{torch.get_num_threads()} torch threads; load average {load_before[0]:.1f} before, "
                        f"{load_after[0]:.1f} after",
-            "command": "python scripts/train_teacher_clip.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "command": script_command("train_teacher_clip.py", argv),
             "final_logit_scale": round(math.exp(final.logit_scale.item()), 2),
             "final_loss": result.history[-1] if result.history else None,
             "zero_shot_at_export": figures,

@@ -20,12 +20,13 @@ def test_both_sides_are_measured_per_seed_and_summarised(tmp_path, monkeypatch):
     student = tmp_path / "student"
     shutil.copytree(TEACHER, student, ignore=shutil.ignore_patterns("metrics.json", "training.json", "README.md"))
     (student / "vlkd.json").write_text(json.dumps({"guidance_scale": 3.5}))
-    calls = []
+    calls, judges = [], set()
 
-    def fake_measure(pipeline, steps, seed, guidance_scale, prompts, config):
+    def fake_measure(pipeline, steps, seed, guidance_scale, prompts, config, judge):
         spacing = getattr(pipeline.scheduler.config, "timestep_spacing", None)
         calls.append((type(pipeline.scheduler).__name__, spacing, steps, seed, guidance_scale, len(prompts.captions),
                       config.num_samples))
+        judges.add(id(judge))
         is_student = guidance_scale == 3.5
         return {"fid": 30.0 + seed / 10 - (0.5 if is_student else 0.0), "fidelity": 0.9 + (0.01 if is_student else 0)}
 
@@ -39,6 +40,7 @@ def test_both_sides_are_measured_per_seed_and_summarised(tmp_path, monkeypatch):
     mine = (own["_class_name"], own.get("timestep_spacing", "leading"))
     assert calls == [(*mine, 4, 0, 3.5, 8, 8), ("DDIMScheduler", "trailing", 4, 0, chosen, 8, 8),
                      (*mine, 4, 10, 3.5, 8, 8), ("DDIMScheduler", "trailing", 4, 10, chosen, 8, 8)]
+    assert len(judges) == 1  # the judge is loaded once for every seed and model
     text = out.read_text()
     assert "| 0 | 30.000 | 29.500 | -0.500 | 0.900 | 0.910 | 0.010 |" in text
     assert "| 10 | 31.000 | 30.500 | -0.500 | 0.900 | 0.910 | 0.010 |" in text

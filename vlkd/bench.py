@@ -23,6 +23,12 @@ REPO = Path(__file__).resolve().parent.parent
 FIGURES_START, FIGURES_END = "<!-- figures:start (vlkd bench writes this table) -->", "<!-- figures:end -->"
 
 
+def script_command(script: str, argv: list[str] | None = None) -> str:
+    """The command a script ran as, for its report or record: ``python scripts/NAME.py`` and its arguments
+    (``argv``, else this process's)."""
+    return " ".join([f"python scripts/{script}", *(sys.argv[1:] if argv is None else argv)])
+
+
 @dataclass(frozen=True)
 class Benchmark:
     """A benchmark script, the file it writes, and the arguments of its quick (smoke) mode, if it has one."""

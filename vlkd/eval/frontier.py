@@ -75,6 +75,14 @@ def _grid_ddim_class() -> type:
     return GridDDIMScheduler
 
 
+def diffusers_ddim(pipeline: Any) -> Any:
+    """diffusers' own DDIMScheduler with trailing spacing for ``pipeline``: the text-to-image teacher's DDIM, as its
+    metrics.json rows and its model card's loading code sample it (K = 4 divides T, so it is the grid DDIM there)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(pipeline.scheduler.config, timestep_spacing="trailing")
+
+
 def dpm_solver_scheduler(config: Any, **overrides: Any) -> Any:
     """DPM-Solver++ (2M) from any DDPM-family config, with ``overrides`` (see ``DPM_SOLVER_CANDIDATES``)."""
     from diffusers import DPMSolverMultistepScheduler
