@@ -396,8 +396,9 @@ def test_shapes_recipes_fit_the_t2i_teacher_and_its_evaluation(name):
     assert recipe_.train.steps >= 1000 and recipe_.train.steps % recipe_.train.checkpoint_every == 0
     if recipe_.pipeline == "lcm-lora":
         assert recipe_.method.sample_guidance_scale == 1.0 and recipe_.student.rank in (16, 32)
-    else:  # the anchor its README figures were measured with: every pair, up to the grid's top (999)
+    else:  # the anchor and schedule its README figures were measured with: every pair, up to the grid's top
         assert recipe_.method.anchor_below == 999 and recipe_.method.anchor_skip == 10
+        assert (recipe_.train.steps, recipe_.train.lr_schedule) == (4800, "cosine")
 
 
 def test_fidelity_is_refused_for_pipelines_without_prompts():
