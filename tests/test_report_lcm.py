@@ -57,6 +57,8 @@ def test_report_reads_the_runs_and_computes_the_bars(tmp_path, monkeypatch):
     assert "- LCM 4-step FID below the teacher's at 4 DDIM steps: **no**" in text
     assert "- LCM 4-step prompt fidelity above the teacher's at 4 DDIM steps: **yes**" in text
     assert "- LCM-LoRA 4-step prompt fidelity >= 0.8x the teacher's at 25 steps: **no**" in text
+    assert text.rstrip().endswith("compares the LCM student with DDIM-4 seed by seed from the same noise "
+                                  "(benchmarks/lcm-shapes-seeds.md).")  # the bars are not read alone
     bars = json.loads(out.with_suffix(".json").read_text())["bars"]
     assert [bar["met"] for bar in bars] == [True, True, True, False, False]
 
