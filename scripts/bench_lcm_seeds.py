@@ -39,10 +39,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def check_seeds(seeds: list[int], batches: int) -> None:
-    """Seeds whose batch seeds (s, s + 1, ..., s + batches - 1) overlap would share images: a SystemExit."""
-    drawn = [seed + i for seed in seeds for i in range(batches)]
+def check_seeds(seeds: list[int], config: Any) -> None:
+    """Seeds whose batch seeds (``evaluate_pipeline``'s) overlap would share images: a SystemExit."""
+    from vlkd.diffusion.evaluate import batch_seeds
+
+    drawn = [each for seed in seeds for each in batch_seeds(seed, config)]
     if len(set(drawn)) != len(drawn):
+        batches = len(batch_seeds(0, config))
         raise SystemExit(f"--seeds {','.join(map(str, seeds))}: each seed draws {batches} batches with seeds s to "
                          f"s + {batches - 1}, so these seeds share images; space them at least {batches} apart")
 
@@ -98,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     seeds = [int(seed) for seed in args.seeds.split(",")]
-    check_seeds(seeds, -(-args.num // args.batch_size))
+    config = EvalConfig(num_samples=args.num, features=["inception"], batch_size=args.batch_size)
+    check_seeds(seeds, config)
     for name, folder, record in (("--student", args.student, "vlkd.json"), ("--teacher", args.teacher,
                                                                             "metrics.json")):
         if not (folder / record).is_file():
@@ -111,7 +115,6 @@ def main(argv: list[str] | None = None) -> int:
     for pipeline in (teacher, student):
         pipeline.set_progress_bar_config(disable=True)
     prompts = shapes_prompts(args.num)
-    config = EvalConfig(num_samples=args.num, features=["inception"], batch_size=args.batch_size)
     judge = load_judge()  # once, not per seed and model
 
     rows = []

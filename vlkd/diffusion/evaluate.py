@@ -16,6 +16,12 @@ from vlkd.train import FitState
 GRID_IMAGES = 64
 
 
+def batch_seeds(seed: int, config: EvalConfig) -> list[int]:
+    """The generator seed of each batch ``evaluate_pipeline`` samples for one step count: ``seed`` plus the batch's
+    index, so runs with different seeds share images wherever these lists overlap."""
+    return [seed + index for index in range(-(-config.num_samples // config.batch_size))]
+
+
 def evaluate_pipeline(pipeline: Any, steps: Sequence[int], config: EvalConfig, reference: str, *,
                       num_reference: int | None = None, seed: int = 0, progress: bool = True,
                       prompts: Sequence[str] | None = None, guidance_scale: float | None = None,
@@ -44,13 +50,13 @@ def evaluate_pipeline(pipeline: Any, steps: Sequence[int], config: EvalConfig, r
     firsts: dict[int, torch.Tensor] = {}
     for count in steps:
         chunks, seconds = [], 0.0
-        starts = range(0, config.num_samples, config.batch_size)
-        for index, start in enumerate(tqdm(starts, desc=f"sampling {count} steps", unit="batch",
-                                           disable=not progress)):
+        starts = zip(range(0, config.num_samples, config.batch_size), batch_seeds(seed, config))
+        for start, batch_seed in tqdm(list(starts), desc=f"sampling {count} steps", unit="batch",
+                                      disable=not progress):
             size = min(config.batch_size, config.num_samples - start)
             began = time.perf_counter()
             chunk = [prompts[(start + i) % len(prompts)] for i in range(size)] if prompts else None
-            images = sample_images(pipeline, size, count, seed=seed + index, prompts=chunk,
+            images = sample_images(pipeline, size, count, seed=batch_seed, prompts=chunk,
                                    guidance_scale=guidance_scale)
             seconds += time.perf_counter() - began
             chunks.append(quantize_images(torch.from_numpy(images).permute(0, 3, 1, 2), (0.0, 1.0)))
