@@ -40,12 +40,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_seeds(seeds: list[int], config: Any) -> None:
-    """Seeds whose batch seeds (``evaluate_pipeline``'s) overlap would share images: a SystemExit."""
-    from vlkd.diffusion.evaluate import batch_seeds
+    """Seeds whose batch seeds (the harness's, ``vlkd.eval.sources.batch_seeds``) overlap would share images: a
+    SystemExit."""
+    from vlkd.eval.sources import batch_seeds
 
-    drawn = [each for seed in seeds for each in batch_seeds(seed, config)]
+    drawn = [each for seed in seeds for each in batch_seeds(seed, config.num_samples, config.batch_size)]
     if len(set(drawn)) != len(drawn):
-        batches = len(batch_seeds(0, config))
+        batches = len(batch_seeds(0, config.num_samples, config.batch_size))
         raise SystemExit(f"--seeds {','.join(map(str, seeds))}: each seed draws {batches} batches with seeds s to "
                          f"s + {batches - 1}, so these seeds share images; space them at least {batches} apart")
 

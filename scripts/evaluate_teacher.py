@@ -3,6 +3,7 @@
     python scripts/evaluate_teacher.py ddpm assets/teachers/ddpm-digits     # ~30 min on 2 cores
     python scripts/evaluate_teacher.py clip assets/teachers/clip-shapes     # ~1 min
     python scripts/evaluate_teacher.py t2i assets/teachers/t2i-shapes       # ~20 min on 2 cores
+    python scripts/evaluate_teacher.py t2i --guidance-from assets/teachers/t2i-shapes/metrics.json  # rows only
 
 DDPM: Inception FID and digits-classifier FD of 1,000 samples against all 1,797 digits, for DDIM at 1-256 steps
 and DPM-Solver++ (2M) at 1-8 steps in its best configuration, chosen among ``DPM_SOLVER_CANDIDATES`` by the
@@ -288,27 +289,39 @@ def choose_guidance(search: list[dict]) -> float:
 
 
 def evaluate_t2i(folder: Path, num: int, num_search: int, reference: str, *, scales: tuple[float, ...] = T2I_GUIDANCE,
-                 features: tuple[str, ...] = ("inception",), judge: Any = None, batch_size: int = 250) -> dict:
+                 features: tuple[str, ...] = ("inception",), judge: Any = None, batch_size: int = 250,
+                 guidance_from: dict | None = None) -> dict:
     """Guidance search at ``T2I_STEPS[0]`` DDIM steps on ``num_search`` captions (FD in the first of ``features``),
-    then every ``T2I_STEPS`` count at the chosen scale on ``num`` captions, of a StableDiffusionPipeline folder."""
+    then every ``T2I_STEPS`` count at the chosen scale on ``num`` captions, of a StableDiffusionPipeline folder.
+    ``guidance_from``: an earlier metrics.json of the folder whose search and chosen scale are kept instead."""
     from diffusers import StableDiffusionPipeline
 
     from vlkd.eval.fidelity import load_judge
     from vlkd.eval.fid import get_extractor
     from vlkd.eval.fidelity import shapes_prompts
+    from vlkd.eval.sources import batch_seeds
 
     pipeline = StableDiffusionPipeline.from_pretrained(folder)
     extractors = [get_extractor(name) for name in features]
     judge_name = "the shipped shapes CLIP teacher, assets/teachers/clip-shapes" if judge is None else str(judge)
     judge = load_judge(judge)
     started = time.time()
-    search_prompts = shapes_prompts(num_search)
-    search = []
-    for scale in scales:  # one call per scale so that the log shows each figure as it lands
-        search += measure_t2i(pipeline, T2I_STEPS[0], scale, search_prompts, extractors=extractors[:1],
-                              reference=reference, judge=judge, batch_size=batch_size)
-        print(json.dumps(search[-1]), flush=True)
-    chosen = choose_guidance(search)
+    if guidance_from is not None:
+        # The students were distilled and evaluated at the scale chosen then; a new search would reopen that choice.
+        guidance = {**guidance_from["guidance"],
+                    "measured": guidance_from["guidance"].get("measured", guidance_from["date"])}
+    else:
+        search_prompts = shapes_prompts(num_search)
+        search = []
+        for scale in scales:  # one call per scale so that the log shows each figure as it lands
+            search += measure_t2i(pipeline, T2I_STEPS[0], scale, search_prompts, extractors=extractors[:1],
+                                  reference=reference, judge=judge, batch_size=batch_size)
+            print(json.dumps(search[-1]), flush=True)
+        guidance = {"chosen": choose_guidance(search), "steps": T2I_STEPS[0], "num_samples": num_search,
+                    "search": search, "measured": datetime.date.today().isoformat(),
+                    "rule": "lowest FD among scales whose fidelity is within one binomial standard error of the "
+                            "best (scripts/evaluate_teacher.py choose_guidance)"}
+    chosen = guidance["chosen"]
     prompts, rows = shapes_prompts(num), []
     for steps in T2I_STEPS:
         rows += measure_t2i(pipeline, steps, chosen, prompts, extractors=extractors, reference=reference,
@@ -320,11 +333,10 @@ def evaluate_t2i(folder: Path, num: int, num_search: int, reference: str, *, sca
     parameters = {part: sum(p.numel() for p in getattr(pipeline, part).parameters()) for part in T2I_PARTS}
     return {
         "reference": f"{reference} (all {rows[0]['num_reference']:,} images)", "num_samples": num, "seed": 0,
-        "prompts": f"the first {num:,} shapes test captions (vlkd.eval.fidelity.shapes_prompts), one image each",
+        # Batch i of every row starts from this seed (vlkd.eval.sources.batch_seeds), as the students' evaluations.
+        "batch_seeds": batch_seeds(0, num, batch_size), "prompts": f"the first {num:,} shapes test captions (vlkd.eval.fidelity.shapes_prompts), one image each",
         "judge": judge_name, "rows": rows, "vae_ceiling": ceiling,
-        "guidance": {"chosen": chosen, "steps": T2I_STEPS[0], "num_samples": num_search, "search": search,
-                     "rule": "lowest FD among scales whose fidelity is within one binomial standard error of the "
-                             "best (scripts/evaluate_teacher.py choose_guidance)"},
+        "guidance": guidance,
         "ddim_settings": {"scheduler": "diffusers.DDIMScheduler.from_config(pipe.scheduler.config, "
                                        "timestep_spacing='trailing')", "timestep_spacing": "trailing", "eta": 0.0},
         "parameters": {**parameters, "total": sum(parameters.values())},
@@ -369,6 +381,13 @@ def _attention_levels(unet: dict) -> str:
     """", down blocks A, B, ..." from training.json (absent in folders trained before it recorded them)."""
     blocks = unet.get("down_block_types")
     return f", down blocks {', '.join(blocks)} (and a cross-attention middle)" if blocks else ""
+
+
+def _seeding(metrics: dict) -> str:
+    """How the rows' noise was drawn, from metrics.json (absent in runs before batches were seeded one by one)."""
+    seeds = metrics.get("batch_seeds")
+    return (f" Batch i starts from seed {seeds[0]} + i (seeds {', '.join(map(str, seeds))}), as the distilled "
+            "students' evaluations do, so their rows and these start from the same noise." if seeds else "")
 
 
 def t2i_card(folder: Path, metrics: dict, training: dict) -> str:
@@ -421,7 +440,7 @@ images = pipe(["a small red star in the top left corner"] * 4, num_inference_ste
 
 The first {metrics['num_samples']:,} shapes test captions, one image each, sampled with diffusers' `DDIMScheduler`
 (eta 0) at the chosen guidance scale **{chosen:g}**, against {metrics['reference']}: the Fréchet distance
-(Inception: FID), prompt fidelity and sampling seconds per image at batch 250. An image is faithful when its
+(Inception: FID), prompt fidelity and sampling seconds per image at batch 250.{_seeding(metrics)} An image is faithful when its
 shape and its colour, each judged zero-shot by {metrics['judge']}, both match its caption; the shape and colour
 columns count each alone. Compare FID only at equal sample counts.
 
@@ -439,7 +458,8 @@ t = 961 for 25 steps and at t = 751 for 4: sampling would begin from pure noise 
 expects a partly denoised latent, which penalises few-step sampling (Lin et al. 2024, "Common Diffusion Noise
 Schedules and Sample Steps are Flawed"). The distilled LCM students also start at t = 999.
 
-Guidance scale search at {guidance['steps']} steps on the first {guidance['num_samples']:,} captions; chosen:
+Guidance scale search ({guidance.get('measured', metrics['date'])}) at {guidance['steps']} steps on the first
+{guidance['num_samples']:,} captions; chosen:
 **{chosen:g}**, the {guidance['rule']}.
 
 {_t2i_table(guidance['search'])}
@@ -453,8 +473,9 @@ def measure(args: argparse.Namespace, folder: Path) -> dict:
         metrics = evaluate_ddpm(folder, args.num, args.reference or "digits:16@all", dpm_from)
     elif args.kind == "t2i":
         scales = tuple(float(w) for w in args.guidance_scales.split(","))
+        guidance_from = json.loads(args.guidance_from.read_text()) if args.guidance_from else None
         metrics = evaluate_t2i(folder, args.num, args.num_guidance_search, args.reference or "shapes:32@test",
-                               scales=scales, features=tuple(args.features.split(",")))
+                               scales=scales, features=tuple(args.features.split(",")), guidance_from=guidance_from)
     else:
         metrics = evaluate_clip(folder)
     return metrics
@@ -476,6 +497,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="rewrite the model card from the folder's metrics.json and training.json, measuring nothing")
     parser.add_argument("--dpm-from", type=Path, metavar="METRICS_JSON",
                         help="keep the DPM-Solver++ search and rows of this earlier metrics.json (DDPM only)")
+    parser.add_argument("--guidance-from", type=Path, metavar="METRICS_JSON",
+                        help="keep the guidance search and chosen scale of this earlier metrics.json (T2I only)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     folder = args.folder or DEFAULT_FOLDERS[args.kind]

@@ -8,7 +8,8 @@
 Each run's ``vlkd.json`` holds the metrics its ``eval`` section measured: one image per shapes test caption, Inception
 FID against the 2,000 test images, prompt fidelity judged by the shapes CLIP teacher. The teacher's rows come from
 ``assets/teachers/t2i-shapes/metrics.json``, which ``scripts/evaluate_teacher.py`` measured with the same captions,
-reference, sample count and seed; this script refuses to compare rows measured differently. The last row, "real
+reference, sample count and per-batch seeds (so that the teacher and the LCM student start from the same noise);
+this script refuses to compare rows measured differently. The last row, "real
 latents", is what the teacher's decoder alone keeps: the captions' own test images encoded and decoded by its
 VAE; every sample passes through that decoder. The file ends with the bars of issue 7, each computed from the rows
 above it.
@@ -33,13 +34,16 @@ SAME = ("features", "num_samples", "num_reference", "reference")  # what makes t
 
 
 def rows_of(name: str, folder: Path) -> tuple[list[dict], dict]:
-    """A student run's metric rows, named, and the facts of its run (steps, minutes, guidance)."""
+    """A student run's metric rows, named, and the facts of its run (steps, minutes, the seeds of its batches)."""
+    from vlkd.eval.sources import batch_seeds
+
     info = json.loads((folder / "vlkd.json").read_text())
     rows = [{**row, "model": name, "sampler": "LCMScheduler", "guidance_scale": info["guidance_scale"]}
             for row in info["metrics"]]
     if not rows or any("fidelity" not in row for row in rows):
         raise SystemExit(f"{folder}/vlkd.json has no prompt-fidelity rows: run its recipe with eval.fidelity: true")
-    return rows, {"run": str(folder.relative_to(REPO)), **info["training"]}
+    seeds = batch_seeds(0, info["recipe"]["eval"]["num_samples"], info["recipe"]["eval"]["batch_size"])
+    return rows, {"run": str(folder.relative_to(REPO)), **info["training"], "batch_seeds": seeds}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -69,6 +73,14 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"{row['model']} at {row['steps']} steps was measured with "
                              f"{ {key: row[key] for key in SAME} }, the teacher with "
                              f"{ {key: every[0][key] for key in SAME} }: rerun it with the recipe's eval section")
+
+    # The DDIM-4 bars pit the LCM student against the teacher image by image: both must start from the same noise.
+    if "batch_seeds" not in metrics:
+        raise SystemExit(f"{TEACHER}/metrics.json predates per-batch seeds, so its rows and the students' start from "
+                         "different noise: rerun scripts/evaluate_teacher.py t2i --guidance-from on it")
+    if runs["LCM"].get("batch_seeds") != metrics["batch_seeds"]:
+        raise SystemExit(f"the LCM run's evaluation drew its batches from seeds {runs['LCM'].get('batch_seeds')}, the "
+                         f"teacher's from {metrics['batch_seeds']}: evaluate both at the same batch size")
 
     best, ddim4 = teacher[25], teacher[4]
     lcm, lora = students["LCM"][4], students["LCM-LoRA"][4]
@@ -111,11 +123,10 @@ def main(argv: list[str] | None = None) -> None:
             lines.append(f"| real latents (VAE reconstructions of the test images) | - | - | - | {row['fd']:.2f} | "
                          f"{row['fidelity']:.3f} | {row['shape_accuracy']:.3f} | {row['color_accuracy']:.3f} | - |")
     lines += [""] + [f"- {text}: **{'yes' if met else 'no'}** ({values})" for text, met, values in bars]
-    # The teacher's evaluation draws all batches from one generator and the students' seed each batch, so the
-    # DDIM-4 bars compare different noise: a lead smaller than the seed-to-seed spread decides nothing.
-    lines += ["", "The teacher's rows and the students' are not drawn from the same noise; "
-              "`python scripts/bench_lcm_seeds.py` compares the LCM student with DDIM-4 seed by seed from the same "
-              "noise (benchmarks/lcm-shapes-seeds.md)."]
+    # One seed decides little when FID at 1,000 images moves from seed to seed by more than the gap.
+    lines += ["", f"The teacher's rows and the LCM student's start from the same noise (batch i from seed "
+              f"{metrics['batch_seeds'][0]} + i); `python scripts/bench_lcm_seeds.py` repeats the 4-step comparison "
+              "over several seeds (benchmarks/lcm-shapes-seeds.md)."]
     text = "\n".join(lines) + "\n"
     print(text)
     with atomic_file(args.out, "w") as handle:

@@ -24,7 +24,8 @@ from vlkd.eval.fid import (
     kid,
     resize_nvlabs,
 )
-from vlkd.eval.sources import DatasetSource, FolderSource, PipelineSource, TensorSource, open_source, quantize_images
+from vlkd.eval.sources import (DatasetSource, FolderSource, PipelineSource, TensorSource, batch_seeds, open_source,
+                               quantize_images)
 
 
 def correlated_features(n: int, dim: int, seed: int, shift: float = 0.0) -> np.ndarray:
@@ -337,6 +338,10 @@ def test_pipeline_source_samples_seeded_uint8_and_times_itself(tmp_path):
     assert source.seconds_per_image > 0 and source.sampled == 5
     again = torch.cat(list(open_source(tmp_path / "pipe", num=5, steps=3, seed=1).batches(2)))
     assert torch.equal(images, again)
+    # Batch i is drawn from seed + i alone: the third batch of seed 1 is the first of seed 3, whatever came before.
+    assert batch_seeds(1, 5, 2) == [1, 2, 3]
+    third = torch.cat(list(PipelineSource(pipeline, 1, steps=3, seed=3, progress=False).batches(2)))
+    assert torch.equal(images[4:], third) and not torch.equal(images[:1], third)
 
     ddim = DDIMScheduler.from_config(pipeline.scheduler.config)
     with_ddim = PipelineSource(pipeline, 4, steps=2, scheduler=ddim, progress=False)

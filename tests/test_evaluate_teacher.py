@@ -77,6 +77,16 @@ def test_t2i_mode_writes_the_rows_the_guidance_search_and_the_card(tmp_path, cap
     assert (ceiling["features"], ceiling["num_samples"], ceiling["num_reference"]) == ("digits-classifier", 4, 2000)
     assert math.isfinite(ceiling["fd"]) and 0 <= ceiling["fidelity"] <= 1
     assert f"| real latents | - | {ceiling['fd']:.2f} | {100 * ceiling['fidelity']:.1f} |" in card
+    assert metrics["batch_seeds"] == [0]  # 4 captions at batch 250: one batch, seeded as the students' are
+
+    # --guidance-from keeps an earlier search and choice, measuring only the rows again.
+    earlier = tmp_path / "earlier.json"
+    shutil.copy(folder / "metrics.json", earlier)
+    script.main(["t2i", str(folder), "--num", "4", "--guidance-scales", "7", "--guidance-from", str(earlier),
+                 "--features", "digits-classifier", "--threads", "1"])
+    again = json.loads((folder / "metrics.json").read_text())
+    assert again["guidance"] == {**metrics["guidance"], "measured": metrics["date"]}
+    assert [(row["steps"], row["guidance_scale"]) for row in again["rows"]] == [(25, chosen), (4, chosen)]
 
 
 class IdentityVae(torch.nn.Module):

@@ -12,13 +12,15 @@ from script_modules import load_script
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _run(folder: Path, fd: float, fidelity: float, num_samples: int = 1000, training: dict | None = None) -> Path:
+def _run(folder: Path, fd: float, fidelity: float, num_samples: int = 1000, training: dict | None = None,
+         eval_batch_size: int = 250) -> Path:
     rows = [{"model": ".", "steps": steps, "features": "inception", "fd": fd + 8 - steps, "num_samples": num_samples,
              "num_reference": 2000, "reference": "shapes:32@test", "seconds_per_image": 0.01 * steps,
              "fidelity": fidelity, "shape_accuracy": fidelity, "color_accuracy": 1.0} for steps in (1, 2, 4, 8)]
     folder.mkdir()
     (folder / "vlkd.json").write_text(json.dumps({
         "metrics": rows, "guidance_scale": 2.0,
+        "recipe": {"eval": {"num_samples": num_samples, "batch_size": eval_batch_size}},
         "training": training or {"optimizer_steps": 3600, "batch_size": 64, "minutes": 60.0}}))
     return folder
 
@@ -57,8 +59,9 @@ def test_report_reads_the_runs_and_computes_the_bars(tmp_path, monkeypatch):
     assert "- LCM 4-step FID below the teacher's at 4 DDIM steps: **no**" in text
     assert "- LCM 4-step prompt fidelity above the teacher's at 4 DDIM steps: **yes**" in text
     assert "- LCM-LoRA 4-step prompt fidelity >= 0.8x the teacher's at 25 steps: **no**" in text
-    assert text.rstrip().endswith("compares the LCM student with DDIM-4 seed by seed from the same noise "
-                                  "(benchmarks/lcm-shapes-seeds.md).")  # the bars are not read alone
+    assert text.rstrip().endswith("The teacher's rows and the LCM student's start from the same noise (batch i from "
+                                  "seed 0 + i); `python scripts/bench_lcm_seeds.py` repeats the 4-step comparison "
+                                  "over several seeds (benchmarks/lcm-shapes-seeds.md).")  # one seed decides little
     bars = json.loads(out.with_suffix(".json").read_text())["bars"]
     assert [bar["met"] for bar in bars] == [True, True, True, False, False]
 
@@ -69,6 +72,27 @@ def test_report_refuses_rows_measured_on_fewer_samples(tmp_path, monkeypatch):
     monkeypatch.setattr(module, "RUNS", {"LCM": _run(tmp_path / "lcm", 50.0, 0.85, num_samples=300),
                                          "LCM-LoRA": _run(tmp_path / "lora", 50.0, 0.85)})
     with pytest.raises(SystemExit, match="LCM at 1 steps was measured with .*'num_samples': 300"):
+        module.main(["--out", str(tmp_path / "out.md")])
+    assert not (tmp_path / "out.md").exists()
+
+
+def test_report_refuses_to_pair_rows_drawn_from_different_noise(tmp_path, monkeypatch):
+    """The DDIM-4 bars need the teacher and the LCM student to start from the same noise: a teacher measured before
+    per-batch seeds, or a student evaluated at another batch size (other batch seeds), is refused."""
+    module = load_script("report_lcm")
+    monkeypatch.setattr(module, "REPO", tmp_path)
+    metrics = json.loads((module.TEACHER / "metrics.json").read_text())
+    assert metrics["batch_seeds"] == [0, 1, 2, 3]  # the shipped teacher: 1,000 captions at batch 250
+    (tmp_path / "teacher").mkdir()
+    monkeypatch.setattr(module, "TEACHER", tmp_path / "teacher")
+    monkeypatch.setattr(module, "RUNS", {"LCM": _run(tmp_path / "lcm", 50.0, 0.85, eval_batch_size=100),
+                                         "LCM-LoRA": _run(tmp_path / "lora", 50.0, 0.85)})
+    (tmp_path / "teacher" / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(SystemExit, match=r"seeds \[0, 1, 2, 3, 4, 5, 6, 7, 8, 9\], the teacher's from \[0, 1, 2, 3\]"):
+        module.main(["--out", str(tmp_path / "out.md")])
+    del metrics["batch_seeds"]
+    (tmp_path / "teacher" / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(SystemExit, match="predates per-batch seeds"):
         module.main(["--out", str(tmp_path / "out.md")])
     assert not (tmp_path / "out.md").exists()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -14,12 +13,6 @@ from vlkd.recipes import EvalConfig
 from vlkd.train import FitState
 
 GRID_IMAGES = 64
-
-
-def batch_seeds(seed: int, config: EvalConfig) -> list[int]:
-    """The generator seed of each batch ``evaluate_pipeline`` samples for one step count: ``seed`` plus the batch's
-    index, so runs with different seeds share images wherever these lists overlap."""
-    return [seed + index for index in range(-(-config.num_samples // config.batch_size))]
 
 
 def evaluate_pipeline(pipeline: Any, steps: Sequence[int], config: EvalConfig, reference: str, *,
@@ -37,11 +30,9 @@ def evaluate_pipeline(pipeline: Any, steps: Sequence[int], config: EvalConfig, r
     row also gets the prompt fidelity of its step count's images (``fidelity``, ``shape_accuracy``,
     ``color_accuracy``), judged by ``judge`` (a ClipAdapter or ``load_clip`` spec; default: the shipped shapes CLIP).
     """
-    from tqdm.auto import tqdm
-
     from vlkd.eval import fid as metrics
     from vlkd.eval.fidelity import load_judge
-    from vlkd.eval.sources import TensorSource, quantize_images
+    from vlkd.eval.sources import PipelineSource, TensorSource
 
     extractors = [metrics.get_extractor(name) for name in config.features]
     if fidelity is not None:
@@ -49,18 +40,9 @@ def evaluate_pipeline(pipeline: Any, steps: Sequence[int], config: EvalConfig, r
     rows: list[dict[str, Any]] = []
     firsts: dict[int, torch.Tensor] = {}
     for count in steps:
-        chunks, seconds = [], 0.0
-        starts = zip(range(0, config.num_samples, config.batch_size), batch_seeds(seed, config))
-        for start, batch_seed in tqdm(list(starts), desc=f"sampling {count} steps", unit="batch",
-                                      disable=not progress):
-            size = min(config.batch_size, config.num_samples - start)
-            began = time.perf_counter()
-            chunk = [prompts[(start + i) % len(prompts)] for i in range(size)] if prompts else None
-            images = sample_images(pipeline, size, count, seed=batch_seed, prompts=chunk,
-                                   guidance_scale=guidance_scale)
-            seconds += time.perf_counter() - began
-            chunks.append(quantize_images(torch.from_numpy(images).permute(0, 3, 1, 2), (0.0, 1.0)))
-        images = torch.cat(chunks)
+        source = PipelineSource(pipeline, config.num_samples, steps=count, seed=seed, prompts=prompts,
+                                guidance_scale=guidance_scale, device=pipeline.device, progress=progress)
+        images = torch.cat(list(source.batches(config.batch_size)))
         firsts[count] = images[:GRID_IMAGES]
         faithful = fidelity_fields(images, fidelity, judge, config.batch_size) if fidelity is not None else {}
         for extractor in extractors:
@@ -68,7 +50,7 @@ def evaluate_pipeline(pipeline: Any, steps: Sequence[int], config: EvalConfig, r
                                  num_b=num_reference, batch_size=config.batch_size)
             rows.append({"model": ".", "steps": count, "features": result.extractor, "fd": result.value,
                          "num_samples": result.num_a, "num_reference": result.num_b, "reference": reference,
-                         "seconds_per_image": seconds / len(images), **faithful})
+                         "seconds_per_image": source.seconds_per_image, **faithful})
     return rows, firsts
 
 

@@ -165,14 +165,14 @@ class PipelineSource(ImageSource):
 
     ``scheduler`` replaces the pipeline's scheduler for this source only (e.g.
     ``DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)``). ``prompts`` makes it text-to-image: image
-    ``i`` uses ``prompts[i % len(prompts)]``. One CPU ``torch.Generator`` seeded with ``seed`` draws all batches,
-    so images depend on the seed and the batch size. ``seconds_per_image`` is the sampling time alone.
+    ``i`` uses ``prompts[i % len(prompts)]``. Batch ``i`` is drawn by a CPU generator seeded with
+    ``batch_seeds(seed, ...)[i]``, so two models sampled with the same seed and batch size start every batch from
+    the same noise, whatever extra noise their samplers draw. ``seconds_per_image`` is the sampling time alone.
     """
 
     def __init__(self, pipeline: str | Path | Any, num_images: int, *, steps: int | None = None, seed: int = 0,
                  scheduler: Any = None, prompts: Sequence[str] | None = None, guidance_scale: float | None = None,
-                 device: str | torch.device | None = None, pipeline_kwargs: dict[str, Any] | None = None,
-                 progress: bool = True) -> None:
+                 device: str | torch.device | None = None, progress: bool = True) -> None:
         if num_images < 1:
             raise EvalError(f"a pipeline source needs a sample count of at least 1, not {num_images}; pass --num N")
         self.pipeline = _load_pipeline(pipeline) if isinstance(pipeline, (str, Path)) else pipeline
@@ -187,7 +187,6 @@ class PipelineSource(ImageSource):
         self.seed = seed
         self.prompts = list(prompts) if prompts is not None else None
         self.guidance_scale = guidance_scale
-        self.pipeline_kwargs = dict(pipeline_kwargs or {})
         self.progress = progress
         self.sampling_seconds = 0.0
         self.sampled = 0
@@ -202,33 +201,28 @@ class PipelineSource(ImageSource):
         """Wall-clock sampling seconds per image over everything sampled so far (None before sampling)."""
         return self.sampling_seconds / self.sampled if self.sampled else None
 
-    def _call_kwargs(self, start: int, size: int) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"output_type": "np", **self.pipeline_kwargs}
-        if self.steps is not None:
-            kwargs["num_inference_steps"] = self.steps
-        if self.guidance_scale is not None:
-            kwargs["guidance_scale"] = self.guidance_scale
-        if self.prompts is None:
-            kwargs["batch_size"] = size
-        else:
-            kwargs["prompt"] = [self.prompts[i % len(self.prompts)] for i in range(start, start + size)]
-        return kwargs
-
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         from tqdm.auto import tqdm
 
-        # A CPU generator gives the same noise, hence the same images, on every device.
-        generator = torch.Generator().manual_seed(self.seed)
-        starts = range(0, self.num_images, batch_size)
-        for start in tqdm(starts, desc=f"sampling {self.name}", unit="batch", disable=not self.progress):
+        from vlkd.diffusion.sample import sample_images
+
+        starts = zip(range(0, self.num_images, batch_size), batch_seeds(self.seed, self.num_images, batch_size))
+        for start, seed in tqdm(list(starts), desc=f"sampling {self.name}", unit="batch", disable=not self.progress):
             size = min(batch_size, self.num_images - start)
+            chunk = [self.prompts[i % len(self.prompts)] for i in range(start, start + size)] if self.prompts else None
             began = time.perf_counter()
-            with torch.inference_mode():
-                images = self.pipeline(generator=generator, **self._call_kwargs(start, size)).images
-            # output_type="np" is NHWC float in [0, 1] and already on the CPU, so the clock includes the sync.
+            images = sample_images(self.pipeline, size, self.steps, seed=seed, prompts=chunk,
+                                   guidance_scale=self.guidance_scale)
+            # sample_images returns NHWC floats in [0, 1] already on the CPU, so the clock includes the sync.
             self.sampling_seconds += time.perf_counter() - began
             self.sampled += size
-            yield quantize_images(torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2), (0.0, 1.0))
+            yield quantize_images(torch.from_numpy(images).permute(0, 3, 1, 2), (0.0, 1.0))
+
+
+def batch_seeds(seed: int, num_images: int, batch_size: int) -> list[int]:
+    """The generator seed of each batch of a PipelineSource: ``seed`` plus the batch's index. A CPU generator, so
+    the noise is the same on every device; sources whose lists overlap share those batches' images."""
+    return [seed + index for index in range(-(-num_images // batch_size))]
 
 
 def _load_pipeline(folder: str | Path) -> Any:
