@@ -46,7 +46,7 @@ def check_seeds(seeds: list[int], config: Any) -> None:
 
     drawn = [each for seed in seeds for each in batch_seeds(seed, config.num_samples, config.batch_size)]
     if len(set(drawn)) != len(drawn):
-        batches = len(batch_seeds(0, config.num_samples, config.batch_size))
+        batches = len(drawn) // len(seeds)
         raise SystemExit(f"--seeds {','.join(map(str, seeds))}: each seed draws {batches} batches with seeds s to "
                          f"s + {batches - 1}, so these seeds share images; space them at least {batches} apart")
 

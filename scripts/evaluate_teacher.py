@@ -334,7 +334,8 @@ def evaluate_t2i(folder: Path, num: int, num_search: int, reference: str, *, sca
     return {
         "reference": f"{reference} (all {rows[0]['num_reference']:,} images)", "num_samples": num, "seed": 0,
         # Batch i of every row starts from this seed (vlkd.eval.sources.batch_seeds), as the students' evaluations.
-        "batch_seeds": batch_seeds(0, num, batch_size), "prompts": f"the first {num:,} shapes test captions (vlkd.eval.fidelity.shapes_prompts), one image each",
+        "batch_seeds": batch_seeds(0, num, batch_size),
+        "prompts": f"the first {num:,} shapes test captions (vlkd.eval.fidelity.shapes_prompts), one image each",
         "judge": judge_name, "rows": rows, "vae_ceiling": ceiling,
         "guidance": guidance,
         "ddim_settings": {"scheduler": "diffusers.DDIMScheduler.from_config(pipe.scheduler.config, "
@@ -386,8 +387,8 @@ def _attention_levels(unet: dict) -> str:
 def _seeding(metrics: dict) -> str:
     """How the rows' noise was drawn, from metrics.json (absent in runs before batches were seeded one by one)."""
     seeds = metrics.get("batch_seeds")
-    return (f" Batch i starts from seed {seeds[0]} + i (seeds {', '.join(map(str, seeds))}), as the distilled "
-            "students' evaluations do, so their rows and these start from the same noise." if seeds else "")
+    return (f"\nBatch i starts from seed {seeds[0]} + i (seeds {', '.join(map(str, seeds))}), as in the distilled "
+            "students'\nevaluations, so their rows and these start from the same noise." if seeds else "")
 
 
 def t2i_card(folder: Path, metrics: dict, training: dict) -> str:
@@ -440,7 +441,8 @@ images = pipe(["a small red star in the top left corner"] * 4, num_inference_ste
 
 The first {metrics['num_samples']:,} shapes test captions, one image each, sampled with diffusers' `DDIMScheduler`
 (eta 0) at the chosen guidance scale **{chosen:g}**, against {metrics['reference']}: the Fréchet distance
-(Inception: FID), prompt fidelity and sampling seconds per image at batch 250.{_seeding(metrics)} An image is faithful when its
+(Inception: FID), prompt fidelity and sampling seconds per image at batch 250.{_seeding(metrics)}
+An image is faithful when its
 shape and its colour, each judged zero-shot by {metrics['judge']}, both match its caption; the shape and colour
 columns count each alone. Compare FID only at equal sample counts.
 
