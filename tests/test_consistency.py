@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from vlkd import rng
 from vlkd.diffusion.consistency import (ConsistencyConfig, ConsistencyDistillation, boundary_scalings,
-                                        solver_grid)
+                                        sampling_timesteps, solver_grid)
 from vlkd.diffusion.schedule import NoiseSchedule
 from vlkd.errors import RecipeError
 from vlkd.rng import sample_seed
@@ -63,6 +64,39 @@ def test_solver_grid_matches_lcm_scheduler():
     assert set(lcm.timesteps.tolist()) <= set(grid.tolist())  # sampling visits trained points only
 
 
+def test_sampling_timesteps_are_lcm_schedulers():
+    assert sampling_timesteps(1000, 50, [4]) == [259, 499, 759, 999]
+    assert sampling_timesteps(1000, 50, [1, 2]) == [499, 999]
+    assert sampling_timesteps(1000, 50, [8]) == [139, 259, 379, 499, 639, 759, 879, 999]
+
+
+@pytest.mark.parametrize("focus", [0.0, 0.6])
+def test_sampling_focus_draws_pairs_at_the_sampled_timesteps(focus):
+    """A fraction ``focus`` of pairs starts at one of 4-step sampling's timesteps (each about equally often), the
+    rest uniformly on the grid; without focus the draws are exactly the plain uniform ones."""
+    method = ConsistencyDistillation(schedule(), Random(), ConsistencyConfig(student_steps=[4], sampling_focus=focus))
+    batch = {"seed": torch.tensor([sample_seed(3, p) for p in range(4000)])}
+    t, t_target = method.training_pair(batch, torch.device("cpu"))
+    torch.testing.assert_close(t_target, (t - 20).clamp(min=0), rtol=0, atol=0)
+    points = torch.tensor([259, 499, 759, 999])
+    shares = torch.stack([(t == p).float().mean() for p in points])
+    uniform = 1 / 50
+    assert abs(shares.sum().item() - (focus + (1 - focus) * 4 * uniform)) < 0.03
+    assert (shares - (focus / 4 + (1 - focus) * uniform)).abs().max().item() < 0.03
+    off_points = t[~torch.isin(t, points)]
+    assert len(off_points.unique()) == 46  # the other grid points are still drawn
+    if not focus:
+        torch.testing.assert_close(t, solver_grid(1000, 50)[rng.randint(batch, 0, 50, "step")], rtol=0, atol=0)
+
+
+def test_sampling_focus_keeps_points_a_pair_can_start_from():
+    """With skip 10 a pair starts at grid index 9 (t = 199) or above, so 8-step sampling's 139 is left out."""
+    config = ConsistencyConfig(skip=10, student_steps=[8], sampling_focus=0.5)
+    method = ConsistencyDistillation(schedule(), Random(), config)
+    assert solver_grid(1000, 50)[method.focus_index].tolist() == [259, 379, 499, 639, 759, 879, 999]
+    assert not len(ConsistencyDistillation(schedule(), Random(), ConsistencyConfig()).focus_index)
+
+
 @pytest.mark.parametrize("start", [599, 399, 199, 39])
 def test_heun_is_closer_than_ddim_to_the_exact_ode(start):
     """One skip-sized step (20 timesteps of a 50-point grid) against the closed-form probability-flow ODE.
@@ -103,6 +137,8 @@ def test_bad_config_is_a_recipe_error():
         ConsistencyConfig(num_solver_steps=10, skip=10)
     with pytest.raises(RecipeError, match="target_ema"):
         ConsistencyConfig(target_ema=1.0)
+    with pytest.raises(RecipeError, match="sampling_focus is a fraction"):
+        ConsistencyConfig(sampling_focus=1.0)
 
 
 @pytest.mark.parametrize("anchor_below, anchor_skip", [(259, None), (999, None), (519, 3)])

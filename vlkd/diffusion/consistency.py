@@ -13,13 +13,17 @@ teacher's own solve on the grid from the higher point to t = 0: the points that 
 (timestep 259 of 4 LCMScheduler steps, 499 of 2) are then pinned to the teacher's ODE directly, instead of
 through a chain of EMA targets whose errors add up hop by hop. ``anchor_skip`` makes that solve take several
 grid intervals a step, so that an anchor high enough for 2-step sampling stays affordable.
+
+``sampling_focus`` draws that fraction of the pairs' higher points from the timesteps LCMScheduler visits when the
+student samples in its ``student_steps`` (999, 759, 499 and 259 for 4 steps), the rest uniformly from the grid:
+few-step sampling reads the student at those points only, and anchored pairs need no chain through the others.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, fields, is_dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import nn
@@ -29,6 +33,7 @@ from vlkd.diffusion.schedule import NoiseSchedule
 from vlkd.errors import RecipeError
 
 SIGMA_DATA = 0.5
+DEFAULT_STEP_COUNTS = [1, 2, 4, 8]
 
 
 @dataclass
@@ -45,6 +50,7 @@ class ConsistencyConfig:
     student_steps: list[int] | None = None  # step counts to evaluate and record (default: 1, 2, 4, 8)
     anchor_below: int | None = None  # pairs with t <= this: target = the teacher's grid solve to t = 0
     anchor_skip: int | None = None  # grid intervals a step of that solve (default: skip); coarser is cheaper
+    sampling_focus: float = 0.0  # fraction of pairs drawn at the timesteps the student samples at
 
     def __post_init__(self) -> None:
         if self.num_solver_steps < 2:
@@ -58,6 +64,13 @@ class ConsistencyConfig:
                               "plain consistency distillation")
         if self.anchor_skip is not None and not 1 <= self.anchor_skip < self.num_solver_steps:
             raise RecipeError(f"anchor_skip must be in [1, num_solver_steps), got {self.anchor_skip}")
+        if not 0.0 <= self.sampling_focus < 1.0:
+            raise RecipeError(f"sampling_focus is a fraction of the pairs in [0, 1), got {self.sampling_focus}")
+
+    @property
+    def step_counts(self) -> list[int]:
+        """The step counts the student is meant to sample in, ascending."""
+        return sorted(set(self.student_steps or DEFAULT_STEP_COUNTS))
 
 
 def boundary_scalings(t: torch.Tensor, timestep_scaling: float = 10.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,6 +85,18 @@ def solver_grid(num_train_timesteps: int, num_solver_steps: int) -> torch.Tensor
     """The DDIM solver timesteps of LCM, low to high: (k + 1) * (T // N) - 1 for k = 0..N-1."""
     ratio = num_train_timesteps // num_solver_steps
     return torch.arange(1, num_solver_steps + 1) * ratio - 1
+
+
+def sampling_timesteps(num_train_timesteps: int, num_solver_steps: int, step_counts: Sequence[int]) -> list[int]:
+    """The timesteps LCMScheduler (on a ``num_solver_steps`` grid) visits sampling in any of ``step_counts`` steps."""
+    from diffusers import LCMScheduler
+
+    scheduler = LCMScheduler(num_train_timesteps=num_train_timesteps, original_inference_steps=num_solver_steps)
+    visited: set[int] = set()
+    for steps in step_counts:
+        scheduler.set_timesteps(steps)
+        visited.update(int(t) for t in scheduler.timesteps)
+    return sorted(visited)
 
 
 def consistency_loss(prediction: torch.Tensor, target: torch.Tensor, loss: str, huber_c: float
@@ -117,6 +142,11 @@ class ConsistencyDistillation(nn.Module):
         every_pair_anchored = config.anchor_below is not None and config.anchor_below >= int(self.grid.max())
         self.target = (copy.deepcopy(student).requires_grad_(False).eval()
                        if separate_target and not every_pair_anchored else None)
+        # Grid indices of the sampled timesteps that can start a pair (index >= skip - 1).
+        visited = set(sampling_timesteps(schedule.num_train_timesteps, config.num_solver_steps, config.step_counts)
+                      if config.sampling_focus else ())
+        self.focus_index = torch.tensor([n for n, t in enumerate(self.grid.tolist())
+                                         if t in visited and n >= config.skip - 1], dtype=torch.long)
 
     # ------------------------------------------------------------------ hooks
 
@@ -178,6 +208,9 @@ class ConsistencyDistillation(nn.Module):
         """Per sample, a grid point t_{n+k} and the point t_n the teacher steps to (k = skip; t_n >= 0)."""
         ratio = self.schedule.num_train_timesteps // self.config.num_solver_steps
         n = rng.randint(batch, self.config.skip - 1, self.config.num_solver_steps, "step")
+        if len(self.focus_index):
+            focused = rng.rand(batch, (), "focus") < self.config.sampling_focus
+            n = torch.where(focused, self.focus_index[rng.randint(batch, 0, len(self.focus_index), "focus_point")], n)
         t = self.grid.cpu()[n]
         t_target = (t - self.config.skip * ratio).clamp(min=0)
         return t.to(device), t_target.to(device)

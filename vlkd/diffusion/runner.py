@@ -23,7 +23,6 @@ from vlkd.errors import RecipeError
 from vlkd.files import check_output
 from vlkd.recipes import PipelineSpec, Recipe, recipe_to_dict
 
-DEFAULT_CONSISTENCY_STEPS = [1, 2, 4, 8]
 # An epsilon student recovers x0 as (z - sigma eps) / alpha: below this alpha at the first sampling step the
 # error of eps is amplified more than 20-fold, and one- or few-step samples fall apart.
 MIN_EPSILON_ALPHA = 0.05
@@ -184,7 +183,7 @@ def consistency_step_counts(recipe: Recipe, num_train_timesteps: int) -> tuple[l
     if config.num_solver_steps > num_train_timesteps:
         raise RecipeError(f"method.num_solver_steps {config.num_solver_steps} exceeds the teacher's "
                           f"{num_train_timesteps} training timesteps; use at most that many")
-    step_counts = sorted(set(config.student_steps or DEFAULT_CONSISTENCY_STEPS))  # what it is meant for
+    step_counts = config.step_counts  # what it is meant for
     measured = sorted(set(recipe.eval.steps or step_counts)) if recipe.eval.enabled else []
     too_many = [steps for steps in step_counts + measured if not 1 <= steps <= config.num_solver_steps]
     if too_many:
