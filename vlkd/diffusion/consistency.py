@@ -47,7 +47,7 @@ class ConsistencyConfig:
     huber_c: float = 0.001
     target_ema: float = 0.95  # decay of the target network (LCM's default)
     timestep_scaling: float = 10.0
-    student_steps: list[int] | None = None  # step counts to evaluate and record (default: 1, 2, 4, 8)
+    student_steps: list[int] | None = None  # what it samples in: evaluated, recorded, focused on (default 1, 2, 4, 8)
     anchor_below: int | None = None  # pairs with t <= this: target = the teacher's grid solve to t = 0
     anchor_skip: int | None = None  # grid intervals a step of that solve (default: skip); coarser is cheaper
     sampling_focus: float = 0.0  # fraction of pairs drawn at the timesteps the student samples at
