@@ -143,8 +143,8 @@ class ConsistencyDistillation(nn.Module):
         self.target = (copy.deepcopy(student).requires_grad_(False).eval()
                        if separate_target and not every_pair_anchored else None)
         # Grid indices of the sampled timesteps that can start a pair (index >= skip - 1).
-        visited = set(sampling_timesteps(schedule.num_train_timesteps, config.num_solver_steps, config.step_counts)
-                      if config.sampling_focus else ())
+        visited = (sampling_timesteps(schedule.num_train_timesteps, config.num_solver_steps, config.step_counts)
+                   if config.sampling_focus else [])
         self.focus_index = torch.tensor([n for n, t in enumerate(self.grid.tolist())
                                          if t in visited and n >= config.skip - 1], dtype=torch.long)
 
