@@ -398,6 +398,7 @@ def test_shapes_recipes_fit_the_t2i_teacher_and_its_evaluation(name):
         assert recipe_.method.sample_guidance_scale == 1.0 and recipe_.student.rank in (16, 32)
     else:  # the anchor and schedule its README figures were measured with: every pair, up to the grid's top
         assert recipe_.method.anchor_below == 999 and recipe_.method.anchor_skip == 10
+        assert recipe_.method.sampling_focus == 0.0  # uniform pairs; the focused run is a kept report
         assert (recipe_.train.steps, recipe_.train.lr_schedule) == (3600, "cosine")
         assert (recipe_.method.w_min, recipe_.method.w_max, recipe_.method.guidance_scale) == (1.5, 3.0, 2.0)
 
