@@ -79,13 +79,20 @@ class LCMLoRAConfig(LatentConsistencyConfig):
 
 @dataclass
 class LCMStudentConfig:
-    """Recipe section ``student`` of ``lcm``: the teacher's UNet plus a guidance-scale embedding of this width."""
+    """Recipe section ``student`` of ``lcm``: the teacher's UNet plus a guidance-scale embedding of this width,
+    optionally with deeper transformers (more text-conditioned capacity, started as the teacher's function)."""
 
     time_cond_proj_dim: int = 256
+    # None: the teacher's depth. A number: that many transformer blocks in every cross-attention block, the
+    # teacher's loaded into the first ones and the others starting as identities (see lcm_student).
+    transformer_layers_per_block: int | None = None
 
     def __post_init__(self) -> None:
         if self.time_cond_proj_dim < 2:
             raise RecipeError(f"student.time_cond_proj_dim must be at least 2, got {self.time_cond_proj_dim}")
+        if self.transformer_layers_per_block is not None and self.transformer_layers_per_block < 1:
+            raise RecipeError("student.transformer_layers_per_block must be at least 1 (or left out for the "
+                              f"teacher's depth), got {self.transformer_layers_per_block}")
 
 
 @dataclass
@@ -115,11 +122,22 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     return embedding.to(w.device)
 
 
-def lcm_student(teacher_unet: nn.Module, time_cond_proj_dim: int) -> nn.Module:
-    """A UNet2DConditionModel with the teacher's config and weights and a guidance embedding of the given width."""
+def lcm_student(teacher_unet: nn.Module, time_cond_proj_dim: int,
+                transformer_layers_per_block: int | None = None) -> nn.Module:
+    """A UNet2DConditionModel with the teacher's config and weights and a guidance embedding of the given width;
+    ``transformer_layers_per_block`` deepens every cross-attention block, the new transformer blocks as identities."""
     from diffusers import UNet2DConditionModel
+    from diffusers.models.attention import BasicTransformerBlock
 
-    student = UNet2DConditionModel.from_config(teacher_unet.config, time_cond_proj_dim=time_cond_proj_dim)
+    overrides = {"time_cond_proj_dim": time_cond_proj_dim}
+    if transformer_layers_per_block is not None:
+        teacher_depth = teacher_unet.config.transformer_layers_per_block
+        if transformer_layers_per_block < max(teacher_depth if isinstance(teacher_depth, (list, tuple))
+                                              else [teacher_depth]):
+            raise RecipeError(f"student.transformer_layers_per_block {transformer_layers_per_block} is shallower "
+                              f"than the teacher's {teacher_depth}; the student can only add blocks")
+        overrides["transformer_layers_per_block"] = transformer_layers_per_block
+    student = UNet2DConditionModel.from_config(teacher_unet.config, **overrides)
     own = student.state_dict()
     fitting = {key: value for key, value in teacher_unet.state_dict().items()
                if key in own and own[key].shape == value.shape}
@@ -127,6 +145,13 @@ def lcm_student(teacher_unet: nn.Module, time_cond_proj_dim: int) -> nn.Module:
     # The guidance projection starts at zero, so the student starts as exactly the teacher (whose x0 is the best
     # first guess of the consistency function) and learns how w changes it.
     nn.init.zeros_(student.time_embedding.cond_proj.weight)
+    # Each transformer block adds its attention and feed-forward outputs to a residual stream, so zeroing the
+    # output projections of the blocks the teacher lacks keeps that start exact while the new blocks learn.
+    for name, block in student.named_modules():
+        if isinstance(block, BasicTransformerBlock) and f"{name}.norm1.weight" not in fitting:
+            for projection in (block.attn1.to_out[0], block.attn2.to_out[0], block.ff.net[-1]):
+                nn.init.zeros_(projection.weight)
+                nn.init.zeros_(projection.bias)
     return student.train().requires_grad_(True)
 
 
