@@ -291,10 +291,63 @@ def test_sdxl_lcm_lora_distills_and_loads_as_its_model_card_says(tmp_path, sdxl_
 def test_other_pairings_distill(tmp_path, request, style, pipeline):
     teacher = request.getfixturevalue(f"{style}_teacher")
     out = tmp_path / "student"
-    assert main(["distill", recipe(tmp_path, teacher, pipeline), "--out", str(out), *TINY]) == 0
+    # The full student also deepens its transformers here, so the recipe key reaches the exported UNet.
+    deeper = ["--set", "student.transformer_layers_per_block=2"] if pipeline == "lcm" else []
+    assert main(["distill", recipe(tmp_path, teacher, pipeline), "--out", str(out), *TINY, *deeper]) == 0
     info = json.loads((out / "vlkd.json").read_text())
     expected = {("sdxl", "lcm"): "StableDiffusionXLPipeline", ("sd", "lcm-lora"): "StableDiffusionPipeline"}
     assert info["pipeline"] == expected[(style, pipeline)]
+    if deeper:
+        assert json.loads((out / "unet" / "config.json").read_text())["transformer_layers_per_block"] == 2
+
+
+def test_a_deeper_student_starts_as_the_teacher_and_can_learn(sd_teacher, tmp_path):
+    """New transformer blocks start as identities (the student computes the teacher's output exactly), train,
+    and survive diffusers' save and load; a student shallower than its teacher is refused."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention import BasicTransformerBlock
+
+    from vlkd.diffusion.lcm import LCMStudentConfig, lcm_student
+    from vlkd.diffusion.text_teacher import load_text_to_image_teacher
+    from vlkd.errors import RecipeError
+
+    teacher = load_text_to_image_teacher(sd_teacher)
+    student = lcm_student(teacher.unet, 8, 3).eval()
+    blocks = [m for m in student.modules() if isinstance(m, BasicTransformerBlock)]
+    teacher_blocks = [m for m in teacher.unet.modules() if isinstance(m, BasicTransformerBlock)]
+    assert len(blocks) == 3 * len(teacher_blocks) > 0
+    new = [m for name, m in student.named_modules() if isinstance(m, BasicTransformerBlock)
+           and not name.endswith("transformer_blocks.0")]
+    assert len(new) == 2 * len(teacher_blocks)
+    assert all(m.ff.net[-1].weight.abs().max() == 0 and m.attn2.to_out[0].weight.abs().max() == 0 for m in new)
+    assert all(m.attn1.to_q.weight.abs().max() > 0 for m in new)  # only the output projections start at zero
+
+    torch.manual_seed(0)
+    z, t, text = torch.randn(2, 4, 8, 8), torch.tensor([999, 259]), torch.randn(2, 6, 32)
+    with torch.no_grad():
+        student.time_embedding.cond_proj.weight.normal_()  # w's effect, so only the new blocks are left to zero
+        expected = teacher.unet(z, t, encoder_hidden_states=text).sample
+        student.time_embedding.cond_proj.weight.zero_()
+    torch.testing.assert_close(student(z, t, text, timestep_cond=torch.randn(2, 8)).sample, expected,
+                               atol=1e-6, rtol=1e-5)
+
+    student(z, t, text, timestep_cond=torch.randn(2, 8)).sample.square().mean().backward()
+    assert all(m.ff.net[-1].weight.grad.abs().max() > 0 for m in new)  # the new blocks learn from the first step
+    with torch.no_grad():
+        for m in new:
+            m.ff.net[-1].weight.normal_(0, 0.1)
+        moved = student(z, t, text, timestep_cond=torch.zeros(2, 8)).sample
+    assert (moved - expected).abs().max() > 1e-3
+    student.save_pretrained(tmp_path / "unet")
+    loaded = UNet2DConditionModel.from_pretrained(tmp_path / "unet").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(z, t, text, timestep_cond=torch.zeros(2, 8)).sample, moved)
+
+    deep_teacher = UNet2DConditionModel.from_config(teacher.unet.config, transformer_layers_per_block=2)
+    with pytest.raises(RecipeError, match="shallower than the teacher"):
+        lcm_student(deep_teacher, 8, 1)
+    with pytest.raises(RecipeError, match="transformer_layers_per_block must be at least 1"):
+        LCMStudentConfig(transformer_layers_per_block=0)
 
 
 def test_the_encoder_cache_trains_as_the_encoders_do_and_is_read_back(tmp_path, sdxl_teacher, monkeypatch):
