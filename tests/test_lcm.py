@@ -72,12 +72,13 @@ def lcm_setup(sd_teacher, **config):
         FrozenTextToImageTeacher,
         LatentConsistencyConfig,
         LatentConsistencyDistillation,
+        LCMStudentConfig,
         lcm_student,
     )
     from vlkd.diffusion.text_teacher import load_text_to_image_teacher
 
     teacher = load_text_to_image_teacher(sd_teacher)
-    student = lcm_student(teacher.unet, 8).eval()
+    student = lcm_student(teacher.unet, LCMStudentConfig(time_cond_proj_dim=8)).eval()
     method = LatentConsistencyDistillation(teacher.schedule, student, LatentConsistencyConfig(**config))
     return teacher, student, method, FrozenTextToImageTeacher(teacher)
 
@@ -312,7 +313,7 @@ def test_a_deeper_student_starts_as_the_teacher_and_can_learn(sd_teacher, tmp_pa
     from vlkd.errors import RecipeError
 
     teacher = load_text_to_image_teacher(sd_teacher)
-    student = lcm_student(teacher.unet, 8, 3).eval()
+    student = lcm_student(teacher.unet, LCMStudentConfig(8, transformer_layers_per_block=3)).eval()
     blocks = [m for m in student.modules() if isinstance(m, BasicTransformerBlock)]
     teacher_blocks = [m for m in teacher.unet.modules() if isinstance(m, BasicTransformerBlock)]
     assert len(blocks) == 3 * len(teacher_blocks) > 0
@@ -320,14 +321,13 @@ def test_a_deeper_student_starts_as_the_teacher_and_can_learn(sd_teacher, tmp_pa
            and not name.endswith("transformer_blocks.0")]
     assert len(new) == 2 * len(teacher_blocks)
     assert all(m.ff.net[-1].weight.abs().max() == 0 and m.attn2.to_out[0].weight.abs().max() == 0 for m in new)
+    assert all(m.attn1.to_out[0].weight.abs().max() == 0 and m.attn1.to_out[0].bias.abs().max() == 0 for m in new)
     assert all(m.attn1.to_q.weight.abs().max() > 0 for m in new)  # only the output projections start at zero
 
     torch.manual_seed(0)
     z, t, text = torch.randn(2, 4, 8, 8), torch.tensor([999, 259]), torch.randn(2, 6, 32)
     with torch.no_grad():
-        student.time_embedding.cond_proj.weight.normal_()  # w's effect, so only the new blocks are left to zero
         expected = teacher.unet(z, t, encoder_hidden_states=text).sample
-        student.time_embedding.cond_proj.weight.zero_()
     torch.testing.assert_close(student(z, t, text, timestep_cond=torch.randn(2, 8)).sample, expected,
                                atol=1e-6, rtol=1e-5)
 
@@ -345,7 +345,7 @@ def test_a_deeper_student_starts_as_the_teacher_and_can_learn(sd_teacher, tmp_pa
 
     deep_teacher = UNet2DConditionModel.from_config(teacher.unet.config, transformer_layers_per_block=2)
     with pytest.raises(RecipeError, match="shallower than the teacher"):
-        lcm_student(deep_teacher, 8, 1)
+        lcm_student(deep_teacher, LCMStudentConfig(8, transformer_layers_per_block=1))
     with pytest.raises(RecipeError, match="transformer_layers_per_block must be at least 1"):
         LCMStudentConfig(transformer_layers_per_block=0)
 

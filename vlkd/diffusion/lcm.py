@@ -122,21 +122,20 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     return embedding.to(w.device)
 
 
-def lcm_student(teacher_unet: nn.Module, time_cond_proj_dim: int,
-                transformer_layers_per_block: int | None = None) -> nn.Module:
-    """A UNet2DConditionModel with the teacher's config and weights and a guidance embedding of the given width;
-    ``transformer_layers_per_block`` deepens every cross-attention block, the new transformer blocks as identities."""
+def lcm_student(teacher_unet: nn.Module, config: LCMStudentConfig) -> nn.Module:
+    """A UNet2DConditionModel with the teacher's config and weights and the ``student`` section's guidance
+    embedding; ``config.transformer_layers_per_block`` deepens every cross-attention block, new blocks as identities."""
     from diffusers import UNet2DConditionModel
     from diffusers.models.attention import BasicTransformerBlock
 
-    overrides = {"time_cond_proj_dim": time_cond_proj_dim}
-    if transformer_layers_per_block is not None:
-        teacher_depth = teacher_unet.config.transformer_layers_per_block
-        if transformer_layers_per_block < max(teacher_depth if isinstance(teacher_depth, (list, tuple))
-                                              else [teacher_depth]):
-            raise RecipeError(f"student.transformer_layers_per_block {transformer_layers_per_block} is shallower "
-                              f"than the teacher's {teacher_depth}; the student can only add blocks")
-        overrides["transformer_layers_per_block"] = transformer_layers_per_block
+    overrides = {"time_cond_proj_dim": config.time_cond_proj_dim}
+    if config.transformer_layers_per_block is not None:
+        teacher_depth = teacher_unet.config.transformer_layers_per_block  # an int, or one per block (SDXL)
+        depths = teacher_depth if isinstance(teacher_depth, (list, tuple)) else [teacher_depth]
+        if config.transformer_layers_per_block < max(depths):
+            raise RecipeError(f"student.transformer_layers_per_block {config.transformer_layers_per_block} is "
+                              f"shallower than the teacher's {teacher_depth}; the student can only add blocks")
+        overrides["transformer_layers_per_block"] = config.transformer_layers_per_block
     student = UNet2DConditionModel.from_config(teacher_unet.config, **overrides)
     own = student.state_dict()
     fitting = {key: value for key, value in teacher_unet.state_dict().items()
@@ -147,8 +146,10 @@ def lcm_student(teacher_unet: nn.Module, time_cond_proj_dim: int,
     nn.init.zeros_(student.time_embedding.cond_proj.weight)
     # Each transformer block adds its attention and feed-forward outputs to a residual stream, so zeroing the
     # output projections of the blocks the teacher lacks keeps that start exact while the new blocks learn.
+    teacher_blocks = {name for name, module in teacher_unet.named_modules()
+                      if isinstance(module, BasicTransformerBlock)}
     for name, block in student.named_modules():
-        if isinstance(block, BasicTransformerBlock) and f"{name}.norm1.weight" not in fitting:
+        if isinstance(block, BasicTransformerBlock) and name not in teacher_blocks:
             for projection in (block.attn1.to_out[0], block.attn2.to_out[0], block.ff.net[-1]):
                 nn.init.zeros_(projection.weight)
                 nn.init.zeros_(projection.bias)

@@ -151,8 +151,7 @@ def _run(recipe: Recipe, out_dir: str | Path, *, resume: bool, overwrite: bool, 
             student = lora_student(teacher.unet, recipe.student)
             frozen = FrozenTextToImageTeacher(teacher, lora_unet=student)
         else:
-            student = lcm_student(teacher.unet, recipe.student.time_cond_proj_dim,
-                                  recipe.student.transformer_layers_per_block)
+            student = lcm_student(teacher.unet, recipe.student)
             frozen = FrozenTextToImageTeacher(teacher)
         cache, cache_info = _encoder_cache(recipe, teacher, frozen, dataset) if config.cache else (None, None)
         method = LatentConsistencyDistillation(teacher.schedule, student, config, lora=lora, cache=cache)
