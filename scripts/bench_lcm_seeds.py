@@ -2,6 +2,7 @@
 
     vlkd distill pipelines/lcm-shapes.yaml
     python scripts/bench_lcm_seeds.py      # writes benchmarks/lcm-shapes-seeds.md and benchmarks/lcm-shapes-seeds.json
+    python scripts/bench_lcm_seeds.py --split validation --student-guidance 2,2.5,3 --out guidance.md
 
 Issue 7 compares the 4-step student with the teacher's 4-step DDIM on one evaluation (seed 0). Here both are
 sampled by the same function (``vlkd.diffusion.evaluate.evaluate_pipeline``, the one the recipe's evaluation runs),
@@ -9,7 +10,12 @@ from the same initial noise for each seed, on 1,000 shapes test captions, one im
 2,000 test images and prompt fidelity judged by the shapes CLIP teacher. The table gives each seed's figures, the
 paired student-minus-teacher differences, and their means and standard deviations, so that a gap between the two
 can be told from sampling noise. The teacher samples with diffusers' DDIMScheduler, trailing spacing, at the
-guidance scale its metrics.json chose; the student with its own LCMScheduler at the scale its vlkd.json records.
+guidance scale its metrics.json chose; the student with its own LCMScheduler at the scale its vlkd.json records, or
+at each of ``--student-guidance``.
+
+``--split validation`` measures on captions and images drawn from a shapes train stream neither teacher nor student
+saw (``vlkd.eval.fidelity.shapes_validation``), shaped like the test split: that is where a student's sampling
+guidance is chosen, so that the test captions only measure the choice.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 OUTPUT = REPO / "benchmarks" / "lcm-shapes-seeds.md"
 REFERENCE = "shapes:32@test"
+REFERENCE_NAMES = {"test": f"{REFERENCE} (2,000 images)",
+                   "validation": "2,000 images of shapes train stream 1 (vlkd.eval.fidelity.shapes_validation)"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,6 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", default="0,10,20,30,40",
                         help="comma-separated; batch i of a seed s is drawn with s + i, so keep them apart")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--student-guidance", default=None,
+                        help="comma-separated guidance scales to sample the student at (default: its vlkd.json's)")
+    parser.add_argument("--split", choices=sorted(REFERENCE_NAMES), default="test",
+                        help="test: the shapes test captions and images; validation: a held-out train stream")
     parser.add_argument("--num", type=int, default=1000, help="captions, one image each")
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--out", type=Path, default=OUTPUT)
@@ -51,12 +63,12 @@ def check_seeds(seeds: list[int], config: Any) -> None:
                          f"s + {batches - 1}, so these seeds share images; space them at least {batches} apart")
 
 
-def measure(pipeline: Any, steps: int, seed: int, guidance_scale: float, prompts: Any, config: Any,
+def measure(pipeline: Any, steps: int, seed: int, guidance_scale: float, prompts: Any, reference: Any, config: Any,
             judge: Any) -> dict:
     """FID and prompt fidelity of ``pipeline`` at ``steps`` for one seed, as the recipe's evaluation measures them."""
     from vlkd.diffusion.evaluate import evaluate_pipeline
 
-    rows, _ = evaluate_pipeline(pipeline, [steps], config, REFERENCE, seed=seed, guidance_scale=guidance_scale,
+    rows, _ = evaluate_pipeline(pipeline, [steps], config, reference, seed=seed, guidance_scale=guidance_scale,
                                 fidelity=prompts, judge=judge, progress=False)
     return {"fid": rows[0]["fd"], "fidelity": rows[0]["fidelity"]}
 
@@ -73,29 +85,40 @@ def spread(values: list[float]) -> str:
 
 
 def report(rows: list[dict], facts: dict) -> str:
-    """The Markdown table: one line per seed, then mean ± standard deviation of every column."""
+    """The Markdown table: one line per seed and student guidance scale, then, for each scale, mean ± standard
+    deviation of every column and the seeds on which the student is ahead in both."""
+    where = "test caption" if facts["split"] == "test" else "validation caption"
     lines = [f"# Shapes LCM student against the teacher's DDIM at {facts['steps']} steps, seed by seed", "",
              f"- date: {facts['date']}", f"- command: `{facts['command']}`",
-             f"- every figure: {facts['num']:,} images, one per shapes test caption, Inception FID against "
-             f"{REFERENCE} (2,000 images), prompt fidelity judged by the shipped shapes CLIP teacher; teacher and "
-             "student sampled from the same initial noise for each seed",
+             f"- every figure: {facts['num']:,} images, one per shapes {where}, Inception FID against "
+             f"{REFERENCE_NAMES[facts['split']]}, prompt fidelity judged by the shipped shapes CLIP teacher; teacher "
+             "and student sampled from the same initial noise for each seed",
              f"- teacher: `{facts['teacher']}`, DDIM (trailing), guidance {facts['teacher_guidance']:g}; student: "
-             f"`{facts['student']}`, LCMScheduler, guidance {facts['student_guidance']:g}", "",
-             "| seed | teacher FID | student FID | student - teacher | teacher fidelity | student fidelity "
-             "| student - teacher |", "|---:|---:|---:|---:|---:|---:|---:|"]
+             f"`{facts['student']}`, LCMScheduler, guidance "
+             + ", ".join(f"{w:g}" for w in facts["student_guidance"]), "",
+             "| seed | student guidance | teacher FID | student FID | student - teacher | teacher fidelity "
+             "| student fidelity | student - teacher |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     columns = ("teacher_fid", "student_fid", "fid_gap", "teacher_fidelity", "student_fidelity", "fidelity_gap")
-    for row in rows:
-        lines.append(f"| {row['seed']} | " + " | ".join(f"{row[c]:.3f}" for c in columns) + " |")
-    lines.append("| mean ± sd | " + " | ".join(spread([row[c] for row in rows]) for c in columns) + " |")
-    wins = sum(row["fid_gap"] < 0 and row["fidelity_gap"] > 0 for row in rows)
-    lines += ["", f"The student is ahead in both FID and fidelity for {wins} of {len(rows)} seeds."]
-    return "\n".join(lines) + "\n"
+    scales = facts["student_guidance"]
+    for row in sorted(rows, key=lambda row: (scales.index(row["student_guidance"]), row["seed"])):
+        lines.append(f"| {row['seed']} | {row['student_guidance']:g} | "
+                     + " | ".join(f"{row[c]:.3f}" for c in columns) + " |")
+    summary = []
+    for w in scales:
+        group = [row for row in rows if row["student_guidance"] == w]
+        lines.append(f"| mean ± sd | {w:g} | " + " | ".join(spread([row[c] for row in group]) for c in columns)
+                     + " |")
+        wins = sum(row["fid_gap"] < 0 and row["fidelity_gap"] > 0 for row in group)
+        summary.append(f"At guidance {w:g} the student is ahead in both FID and fidelity for {wins} of "
+                       f"{len(group)} seeds.")
+    return "\n".join(lines + [""] + summary) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     from vlkd.bench import script_command
     from vlkd.diffusion.sample import load_pipeline
-    from vlkd.eval.fidelity import load_judge, shapes_prompts
+    from vlkd.eval import fid as metrics
+    from vlkd.eval.fidelity import load_judge, shapes_prompts, shapes_validation
     from vlkd.eval.frontier import diffusers_ddim
     from vlkd.files import atomic_file, write_json
     from vlkd.recipes import EvalConfig
@@ -109,26 +132,33 @@ def main(argv: list[str] | None = None) -> int:
         if not (folder / record).is_file():
             raise SystemExit(f"{name} {folder}: no {record} there; train and evaluate it first (see this script's "
                              "docstring)")
-    student_guidance = json.loads((args.student / "vlkd.json").read_text())["guidance_scale"]
+    student_guidance = ([float(w) for w in args.student_guidance.split(",")] if args.student_guidance else
+                        [json.loads((args.student / "vlkd.json").read_text())["guidance_scale"]])
     teacher_guidance = json.loads((args.teacher / "metrics.json").read_text())["guidance"]["chosen"]
     teacher, student = load_pipeline(args.teacher), load_pipeline(args.student)
     teacher.scheduler = diffusers_ddim(teacher)
     for pipeline in (teacher, student):
         pipeline.set_progress_bar_config(disable=True)
-    prompts = shapes_prompts(args.num)
+    if args.split == "test":
+        prompts, reference = shapes_prompts(args.num), REFERENCE
+    else:  # its reference statistics once, not per measurement (the test split's come from vlkd's cache)
+        prompts, images = shapes_validation(args.num)
+        reference = metrics.statistics_of(images, metrics.get_extractor("inception"), batch_size=args.batch_size)
     judge = load_judge()  # once, not per seed and model
 
     rows = []
     for seed in seeds:
-        ours = measure(student, args.steps, seed, student_guidance, prompts, config, judge)
-        theirs = measure(teacher, args.steps, seed, teacher_guidance, prompts, config, judge)
-        rows.append({"seed": seed, "teacher_fid": theirs["fid"], "student_fid": ours["fid"],
-                     "fid_gap": ours["fid"] - theirs["fid"], "teacher_fidelity": theirs["fidelity"],
-                     "student_fidelity": ours["fidelity"], "fidelity_gap": ours["fidelity"] - theirs["fidelity"]})
-        print(f"seed {seed}: teacher {theirs['fid']:.2f} / {theirs['fidelity']:.3f}, "
-              f"student {ours['fid']:.2f} / {ours['fidelity']:.3f}", flush=True)
+        theirs = None
+        for w in student_guidance:
+            ours = measure(student, args.steps, seed, w, prompts, reference, config, judge)
+            theirs = theirs or measure(teacher, args.steps, seed, teacher_guidance, prompts, reference, config, judge)
+            rows.append({"seed": seed, "student_guidance": w, "teacher_fid": theirs["fid"], "student_fid": ours["fid"],
+                         "fid_gap": ours["fid"] - theirs["fid"], "teacher_fidelity": theirs["fidelity"],
+                         "student_fidelity": ours["fidelity"], "fidelity_gap": ours["fidelity"] - theirs["fidelity"]})
+            print(f"seed {seed}: teacher {theirs['fid']:.2f} / {theirs['fidelity']:.3f}, student at guidance {w:g} "
+                  f"{ours['fid']:.2f} / {ours['fidelity']:.3f}", flush=True)
 
-    facts = {"date": datetime.date.today().isoformat(), "steps": args.steps, "num": args.num,
+    facts = {"date": datetime.date.today().isoformat(), "steps": args.steps, "num": args.num, "split": args.split,
              "command": script_command("bench_lcm_seeds.py", argv),
              "teacher": shown(args.teacher), "student": shown(args.student),
              "teacher_guidance": teacher_guidance, "student_guidance": student_guidance}

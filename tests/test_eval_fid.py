@@ -197,6 +197,19 @@ def test_dataset_statistics_are_cached_per_extractor(tmp_path, monkeypatch):
     assert (second.num_a, second.num_b) == (100, 1497)
 
 
+def test_each_shapes_train_stream_has_its_own_cached_statistics(tmp_path, monkeypatch):
+    from vlkd.data import build_dataset
+    from vlkd.eval.sources import DatasetSource
+
+    monkeypatch.setenv("VLKD_CACHE", str(tmp_path))
+    extractor = PixelMeans()
+    streams = [DatasetSource(build_dataset("shapes:16", "train", seed=seed), num=64) for seed in (0, 1)]
+    first, second = (fid_module.statistics_of(source, extractor) for source in streams)
+    names = sorted(p.name for p in (tmp_path / "fid-stats" / "pixel-means-test").iterdir())
+    assert names == ["shapes-16-train-n64-stream1.npz", "shapes-16-train-n64.npz"]
+    assert not np.allclose(first.mu, second.mu)  # stream 1 did not read stream 0's statistics
+
+
 @pytest.mark.slow
 def test_inception_features_do_not_depend_on_the_batch():
     torch.manual_seed(2)

@@ -4,10 +4,12 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
-from vlkd.data.builtin_shapes import shapes_test_set
+from vlkd.data import build_dataset
+from vlkd.data.builtin_shapes import shapes_test_set, shapes_vocabulary
 from vlkd.errors import EvalError
-from vlkd.eval.fidelity import default_judge, prompt_fidelity, shapes_prompts
+from vlkd.eval.fidelity import default_judge, prompt_fidelity, shapes_prompts, shapes_validation
 from vlkd.eval.sources import PipelineSource
 from vlkd.eval.zeroshot import load_clip
 
@@ -78,6 +80,22 @@ def test_a_pipeline_source_pairs_each_image_with_its_prompt(judge, ignore_prompt
 def test_more_captions_than_the_test_split_is_refused():
     with pytest.raises(EvalError, match="between 1 and 2000"):
         shapes_prompts(2001)
+
+
+def test_the_validation_split_is_a_train_stream_the_teachers_never_drew(judge):
+    prompts, reference = shapes_validation(40, reference=80)
+    assert len(prompts.captions) == 40 and reference.count() == 80
+    images = torch.cat(list(reference.batches(80)))
+    test, stream0 = shapes_test_set(32).pixels, build_dataset("shapes:32", "train")
+    assert not any(torch.equal(images[0].permute(1, 2, 0), pixels) for pixels in test)
+    assert not torch.equal(images[0], ((stream0[0]["pixel_values"] + 1) * 127.5).round().to(torch.uint8))
+    # Image i of the reference is the one caption i describes, and its labels are the caption's.
+    assert prompt_fidelity(images[:40], prompts, judge)["fidelity"] >= 0.9
+    vocab = shapes_vocabulary()
+    assert all(vocab.shapes[s] in c and vocab.colors[k] in c
+               for c, s, k in zip(prompts.captions, prompts.shapes.tolist(), prompts.colors.tolist()))
+    with pytest.raises(EvalError, match="between 1 and 80"):
+        shapes_validation(81, reference=80)
 
 
 def test_fewer_images_than_captions_is_refused(judge):

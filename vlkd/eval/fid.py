@@ -414,10 +414,13 @@ def cache_dir() -> Path:
 
 
 def cached_statistics_path(source: ImageSource, extractor: FeatureExtractor) -> Path | None:
-    """``<cache>/fid-stats/<extractor key>/<spec>-<split>[-n<count>].npz`` for built-in datasets, else None."""
+    """``<cache>/fid-stats/<extractor key>/<spec>-<split>[-n<count>][-stream<seed>].npz`` for built-in datasets,
+    else None."""
     if not isinstance(source, DatasetSource) or not is_builtin_spec(source.spec) or extractor.key is None:
         return None
     count = "" if source.count() == len(source.dataset) else f"-n{source.count()}"
+    stream = getattr(source.dataset, "seed", 0) if source.split == "train" else 0  # shapes' train streams differ
+    count += f"-stream{stream}" if stream else ""
     return cache_dir() / "fid-stats" / extractor.key / f"{source.spec.replace(':', '-')}-{source.split}{count}.npz"
 
 

@@ -54,6 +54,30 @@ def shapes_prompts(num: int) -> ShapesPrompts:
     return ShapesPrompts(test.captions[:num], test.labels[:num, 0].clone(), test.labels[:num, 1].clone())
 
 
+# The shapes train stream the shipped teachers never drew from (they train on stream 0): sampling settings are
+# chosen on it, so that the test captions and images only ever measure.
+VALIDATION_STREAM = 1
+
+
+def shapes_validation(num: int, reference: int | None = None) -> tuple[ShapesPrompts, Any]:
+    """A validation split shaped like the test one: the captions and labels of the first ``num`` of ``reference``
+    (default: as many as the test split holds) images drawn from shapes train stream ``VALIDATION_STREAM``, and those
+    images as the FID reference (a DatasetSource)."""
+    from vlkd.data import build_dataset
+    from vlkd.data.builtin_shapes import TEST_COUNT
+    from vlkd.eval.sources import DatasetSource
+
+    reference = reference or TEST_COUNT
+    if not 1 <= num <= reference:
+        raise EvalError(f"the validation split draws {reference} images; pass --num between 1 and {reference}, "
+                        f"not {num}")
+    stream = build_dataset(SHAPES_TEST, "train", seed=VALIDATION_STREAM)
+    samples = [stream[i] for i in range(num)]
+    prompts = ShapesPrompts([s["caption"] for s in samples], torch.tensor([s["shape"] for s in samples]),
+                            torch.tensor([s["color"] for s in samples]))
+    return prompts, DatasetSource(stream, num=reference)
+
+
 @torch.inference_mode()
 def prompt_fidelity(images: Any, prompts: ShapesPrompts, judge: Any = None, *, batch_size: int = 250,
                     progress: bool = False) -> dict[str, Any]:
