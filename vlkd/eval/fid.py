@@ -420,8 +420,8 @@ def cached_statistics_path(source: ImageSource, extractor: FeatureExtractor) -> 
         return None
     count = "" if source.count() == len(source.dataset) else f"-n{source.count()}"
     stream = getattr(source.dataset, "seed", 0) if source.split == "train" else 0  # shapes' train streams differ
-    count += f"-stream{stream}" if stream else ""
-    return cache_dir() / "fid-stats" / extractor.key / f"{source.spec.replace(':', '-')}-{source.split}{count}.npz"
+    suffix = count + (f"-stream{stream}" if stream else "")
+    return cache_dir() / "fid-stats" / extractor.key / f"{source.spec.replace(':', '-')}-{source.split}{suffix}.npz"
 
 
 def statistics_of(source: Any, extractor: FeatureExtractor, *, num: int | None = None, batch_size: int = 64,
