@@ -30,8 +30,6 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 OUTPUT = REPO / "benchmarks" / "lcm-shapes-seeds.md"
 REFERENCE = "shapes:32@test"
-REFERENCE_NAMES = {"test": f"{REFERENCE} (2,000 images)",
-                   "validation": "2,000 images of shapes train stream 1 (vlkd.eval.fidelity.shapes_validation)"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--student-guidance", default=None,
                         help="comma-separated guidance scales to sample the student at (default: its vlkd.json's)")
-    parser.add_argument("--split", choices=sorted(REFERENCE_NAMES), default="test",
+    parser.add_argument("--split", choices=("test", "validation"), default="test",
                         help="test: the shapes test captions and images; validation: a held-out train stream")
     parser.add_argument("--num", type=int, default=1000, help="captions, one image each")
     parser.add_argument("--batch-size", type=int, default=250)
@@ -91,7 +89,7 @@ def report(rows: list[dict], facts: dict) -> str:
     lines = [f"# Shapes LCM student against the teacher's DDIM at {facts['steps']} steps, seed by seed", "",
              f"- date: {facts['date']}", f"- command: `{facts['command']}`",
              f"- every figure: {facts['num']:,} images, one per shapes {where}, Inception FID against "
-             f"{REFERENCE_NAMES[facts['split']]}, prompt fidelity judged by the shipped shapes CLIP teacher; teacher "
+             f"{facts['reference']}, prompt fidelity judged by the shipped shapes CLIP teacher; teacher "
              "and student sampled from the same initial noise for each seed",
              f"- teacher: `{facts['teacher']}`, DDIM (trailing), guidance {facts['teacher_guidance']:g}; student: "
              f"`{facts['student']}`, LCMScheduler, guidance "
@@ -117,8 +115,7 @@ def report(rows: list[dict], facts: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     from vlkd.bench import script_command
     from vlkd.diffusion.sample import load_pipeline
-    from vlkd.eval import fid as metrics
-    from vlkd.eval.fidelity import load_judge, shapes_prompts, shapes_validation
+    from vlkd.eval.fidelity import VALIDATION_STREAM, load_judge, shapes_prompts, shapes_validation
     from vlkd.eval.frontier import diffusers_ddim
     from vlkd.files import atomic_file, write_json
     from vlkd.recipes import EvalConfig
@@ -139,11 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     teacher.scheduler = diffusers_ddim(teacher)
     for pipeline in (teacher, student):
         pipeline.set_progress_bar_config(disable=True)
+    # Either reference's statistics are computed once, then read from vlkd's cache by every measurement.
     if args.split == "test":
         prompts, reference = shapes_prompts(args.num), REFERENCE
-    else:  # its reference statistics once, not per measurement (the test split's come from vlkd's cache)
-        prompts, images = shapes_validation(args.num)
-        reference = metrics.statistics_of(images, metrics.get_extractor("inception"), batch_size=args.batch_size)
+        described = f"{REFERENCE} (2,000 images)"
+    else:
+        prompts, reference = shapes_validation(args.num)
+        described = (f"{reference.count():,} images of shapes train stream {VALIDATION_STREAM} "
+                     "(vlkd.eval.fidelity.shapes_validation)")
     judge = load_judge()  # once, not per seed and model
 
     rows = []
@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{ours['fid']:.2f} / {ours['fidelity']:.3f}", flush=True)
 
     facts = {"date": datetime.date.today().isoformat(), "steps": args.steps, "num": args.num, "split": args.split,
+             "reference": described,
              "command": script_command("bench_lcm_seeds.py", argv),
              "teacher": shown(args.teacher), "student": shown(args.student),
              "teacher_guidance": teacher_guidance, "student_guidance": student_guidance}

@@ -56,18 +56,19 @@ def test_both_sides_are_measured_per_seed_and_summarised(tmp_path, monkeypatch):
 
 
 def test_student_scales_on_the_validation_split_share_the_teachers_measurement(tmp_path, monkeypatch):
-    from vlkd.eval import fid as metrics
+    from vlkd.eval.fidelity import VALIDATION_STREAM
 
     module = load_script("bench_lcm_seeds")
     student = tmp_path / "student"
     shutil.copytree(TEACHER, student, ignore=shutil.ignore_patterns("metrics.json", "training.json", "README.md"))
     (student / "vlkd.json").write_text(json.dumps({"guidance_scale": 2.0}))
-    statistics = object()  # the validation images' statistics, computed once and handed to every measurement
-    monkeypatch.setattr(metrics, "statistics_of", lambda source, extractor, **kw: statistics)
-    calls = []
+    calls, references = [], set()
 
     def fake_measure(pipeline, steps, seed, guidance_scale, prompts, reference, config, judge):
-        assert reference is statistics and prompts.captions == shapes_validation(8)[0].captions
+        # One reference, the validation images, handed to every measurement (its statistics cached after the first).
+        references.add(id(reference))
+        assert reference.dataset.seed == VALIDATION_STREAM and reference.count() == 2000
+        assert prompts.captions == shapes_validation(8)[0].captions
         teacher = type(pipeline.scheduler).__name__ == "DDIMScheduler"
         calls.append(("teacher" if teacher else "student", seed, guidance_scale))
         return {"fid": 30.0 if teacher else 30.0 - guidance_scale / 10, "fidelity": 0.9 if teacher else 0.89}
@@ -79,6 +80,7 @@ def test_student_scales_on_the_validation_split_share_the_teachers_measurement(t
     chosen = json.loads((TEACHER / "metrics.json").read_text())["guidance"]["chosen"]
     assert calls == [("student", 0, 2.0), ("teacher", 0, chosen), ("student", 0, 3.0),
                      ("student", 10, 2.0), ("teacher", 10, chosen), ("student", 10, 3.0)]
+    assert len(references) == 1
     text = out.read_text()
     assert "one per shapes validation caption, Inception FID against 2,000 images of shapes train stream 1" in text
     assert "| 10 | 3 | 30.000 | 29.700 | -0.300 | 0.900 | 0.890 | -0.010 |" in text
